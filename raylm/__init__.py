@@ -1,0 +1,3 @@
+"""raylm: pretrain, fine-tune and serve GPT-style language models on a Ray cluster."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""One local Ray cluster per test session, on 127.0.0.1, in its own temp dir.
+
+Environment that must be set before Ray or W&B start is set at import time, here. Tests that need
+Ray take the `ray_cluster` fixture; the cluster is shut down (ours only: never `ray stop`) when
+the session ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.pop("RAY_ADDRESS", None)
+os.environ["RAY_AUTH_MODE"] = "disabled"  # the one auth test sets its own
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Fast autoscaling metrics so the Serve autoscaling test sees replicas change in seconds.
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+# Ray Data progress bars flood pytest's captured output.
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster shared by the whole session.
+
+    4 logical CPUs on 2 cores: Ray Train's 2 workers take one each and Ray Data's read and map
+    tasks still get room, so no pipeline starves.
+    """
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="raylm-ray-", dir="/tmp")  # short: Ray's unix sockets
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory):
+    """A directory shared by the session's tests (e.g. one dataset dir built once)."""
+    return tmp_path_factory.mktemp("session")
