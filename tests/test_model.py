@@ -1,0 +1,119 @@
+"""The model against Hugging Face's Llama, and the KV cache against the full forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from raylm.errors import UserError
+from training.model import KVCache, ModelConfig, Transformer, count_params
+from training.model_dir import load_model_dir, save_model_dir
+
+transformers = pytest.importorskip("transformers")
+
+
+def make_tokenizer_dir(path, vocab_size: int = 96):
+    """A tiny byte-level BPE tokenizer dir, enough for a model dir's tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+CASES = {
+    "gqa-untied": dict(num_key_value_heads=2, tie_word_embeddings=False),
+    "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_llama_loads_with_equal_logits(tmp_path, case):
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, rope_theta=500000.0, rms_norm_eps=1e-6, **CASES[case],
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ours, cfg = load_model_dir(tmp_path / "hf")
+    assert (cfg.n_kv_heads, cfg.tie_embeddings, cfg.rope_theta) == (hf_cfg.num_key_value_heads, hf_cfg.tie_word_embeddings, 500000.0)
+    tokens = torch.randint(0, 101, (2, 37))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_our_model_dir_loads_in_transformers_with_equal_logits(tmp_path):
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64, rope_theta=50000.0)
+    ours = Transformer(cfg).eval()
+    out = save_model_dir(tmp_path / "model", ours.state_dict(), cfg, make_tokenizer_dir(tmp_path / "tok"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "manifest.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+    ]
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, 96, (3, 20))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+    reloaded, _ = load_model_dir(out)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), reloaded.state_dict().values()))
+
+
+def test_kv_cache_decode_matches_full_forward_for_sequences_of_different_lengths():
+    torch.manual_seed(2)
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    model = Transformer(cfg).eval()
+    seqs = [torch.randint(0, 50, (n,)) for n in (5, 11)]
+    cache = KVCache(cfg, max_batch=3, max_len=32)
+    slots = torch.tensor([2, 0])  # any free slots, not 0..B-1
+    # Prefill each prompt but its last token in its own slot, then decode the rest together.
+    for slot, seq in zip(slots, seqs):
+        cache.bind(slot[None], torch.arange(3)[None])
+        with torch.no_grad():
+            model(seq[None, :3], positions=torch.arange(3)[None], cache=cache)
+    decoded = {0: [], 1: []}
+    for pos in range(3, 11):
+        live = [i for i, s in enumerate(seqs) if pos < len(s)]
+        positions = torch.tensor([[pos] for _ in live])
+        cache.bind(slots[live], positions)
+        with torch.no_grad():
+            logits = model(torch.stack([seqs[i][pos : pos + 1] for i in live]), positions=positions, cache=cache)
+        for row, i in enumerate(live):
+            decoded[i].append(logits[row, -1])
+    for i, seq in enumerate(seqs):
+        with torch.no_grad():
+            full = model(seq[None])[0, 3:]
+        assert torch.allclose(torch.stack(decoded[i]), full, atol=1e-5)
+
+
+def test_unsupported_configs_are_refused_by_name(tmp_path):
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="rope_scaling of type 'yarn'"):
+        load_model_dir(tmp_path)
+    raw.update(rope_parameters=None, model_type="mistral", architectures=["MistralForCausalLM"])
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="Llama-architecture"):
+        load_model_dir(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_model_dir(tmp_path / "nope")
+
+
+def test_param_count_matches_the_module():
+    for tie in (False, True):
+        cfg = ModelConfig(vocab_size=77, dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=96, tie_embeddings=tie)
+        model = Transformer(cfg)
+        assert count_params(cfg) == sum(p.numel() for p in model.parameters())

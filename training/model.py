@@ -1,0 +1,282 @@
+"""The raylm model: a decoder-only transformer that is exactly Llama's architecture.
+
+Choices, each one Llama's, so that the model dir loads in `transformers` and vLLM unchanged:
+- token embedding, no absolute positions; rotary position embeddings (RoPE) in Hugging Face's
+  rotate-half layout (the first and second half of each head's dims form the rotated pairs),
+  computed in fp32;
+- pre-norm blocks with RMSNorm (normalise in fp32, scale with a learned weight, no bias);
+- grouped-query attention (n_kv_heads divides n_heads; kv head i serves query heads
+  i*g .. i*g+g-1) through `F.scaled_dot_product_attention`;
+- SwiGLU feed-forward: down(silu(gate(x)) * up(x));
+- no biases anywhere; a final RMSNorm; an LM head, optionally tied to the embedding.
+
+Parameter names mirror Hugging Face's `LlamaForCausalLM` (without its `model.` prefix), so export
+and import are a rename of the prefix, not a mapping table.
+
+Init: normal(0, init_std) for embeddings and projections; the two projections that write into the
+residual stream (o_proj, down_proj) are scaled by 1/sqrt(2 * n_layers) so the residual's variance
+does not grow with depth (GPT-2's rule); norm weights start at 1.
+
+Pure PyTorch: no Ray, no DeepSpeed. Activation checkpointing is applied from outside through the
+`activation_checkpoint` hook; the KV cache used for decoding is the small `KVCache` below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192  # tokens in the tokenizer (the dataset's manifest must agree)
+    dim: int = 256  # hidden size (HF: hidden_size)
+    n_layers: int = 4  # transformer blocks (HF: num_hidden_layers)
+    n_heads: int = 4  # query heads (HF: num_attention_heads)
+    n_kv_heads: int = 2  # key/value heads for GQA; equal to n_heads for plain multi-head attention
+    ffn_dim: int = 768  # SwiGLU inner size (HF: intermediate_size)
+    max_seq_len: int = 512  # longest context the model is trained and served at
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the embedding matrix with the LM head
+    init_std: float = 0.02  # std of the normal init of weights
+
+    def validate(self) -> None:
+        from raylm.errors import UserError
+
+        if self.dim % self.n_heads:
+            raise UserError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise UserError(f"model head size dim/n_heads ({self.dim // self.n_heads}) must be even for RoPE")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    mlp = 3 * cfg.dim * cfg.ffn_dim
+    norms = 2 * cfg.dim
+    body = cfg.n_layers * (attn + mlp + norms) + cfg.dim
+    embedding = cfg.vocab_size * cfg.dim
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
+    return body + head + (embedding if include_embedding else 0)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM's estimate: 6N + 12·L·d·T.
+
+    N counts the matmul weights (the LM head included, the embedding lookup not); the second
+    term is attention's score and value matmuls at context length T.
+    """
+    n_matmul = count_params(cfg, include_embedding=False) - (2 * cfg.n_layers + 1) * cfg.dim
+    if cfg.tie_embeddings:
+        n_matmul += cfg.vocab_size * cfg.dim
+    return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+# ---- RoPE ---------------------------------------------------------------------------------------
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for `positions` [B, T] -> each [B, 1, T, head_dim], fp32 (HF's layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, head_dim]
+    return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated by position; computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+# ---- blocks -------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values for up to `max_batch` sequences ("slots") of up to `max_len` tokens each.
+
+    A sequence writes its positions 0, 1, 2, ... into its slot (prefill writes many at once,
+    decode one per step); a query at position p attends to keys 0..p of its own slot. Slots are
+    independent, so sequences of different lengths decode together in one batch (continuous
+    batching) and a finished slot is reused by overwriting it from position 0.
+
+    Usage per forward: `cache.bind(slots, positions)`, then `model(tokens, positions=positions,
+    cache=cache)`.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.slots: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.attn_mask: torch.Tensor | None = None
+        self.span = 0
+
+    def bind(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Set the slots [B] and positions [B, T] that the next forward reads and writes."""
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} is past the cache's {self.max_len} tokens")
+        self.slots, self.positions = slots, positions
+        self.span = int(positions.max()) + 1  # keys beyond this are never visible
+        keys = torch.arange(self.span, device=positions.device)
+        self.attn_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, Hkv, T, D] at the bound positions; return the slots' keys/values [B, Hkv, span, D]."""
+        index = (self.slots[:, None], slice(None), self.positions)  # advanced dims first: [B, T, Hkv, D]
+        self.k[layer][index] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][index] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[layer][self.slots, :, : self.span], self.v[layer][self.slots, :, : self.span]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            mask, causal = None, True
+        else:
+            k, v = cache.update(self.layer_index, k, v)  # [B, Hkv, S, D]
+            mask, causal = cache.attn_mask, False
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:  # kv head i serves query heads i*groups .. i*groups+groups-1
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, dim]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_index)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Set from outside (e.g. to torch.utils.checkpoint's or DeepSpeed's checkpoint function)
+        # to recompute each block's activations in the backward pass instead of storing them.
+        self.activation_checkpoint: Callable | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("o_proj", "down_proj")) else self.cfg.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ):
+        """tokens [B, T] -> logits [B, T, vocab] (fp32), or the mean loss when targets [B, T] are given.
+
+        `loss_mask` [B, T] (bool) keeps the loss on the True positions only (e.g. assistant
+        tokens in chat SFT). `positions` [B, T] defaults to 0..T-1; with a `cache` they say where
+        each token sits in its sequence.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.embed_tokens(tokens)  # [B, T, dim]
+        for layer in self.layers:
+            if self.activation_checkpoint is not None and self.training and cache is None:
+                x = self.activation_checkpoint(layer, x, cos, sin)
+            else:
+                x = layer(x, cos, sin, cache)
+        logits = self.lm_head(self.norm(x)).float()  # [B, T, vocab]
+        if targets is None:
+            return logits
+        return cross_entropy_loss(logits, targets, loss_mask)
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token loss over the positions that count (all, or where loss_mask is True)."""
+    if loss_mask is not None:
+        targets = targets.masked_fill(~loss_mask.bool(), -100)
+    targets = targets.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, ignore_index=-100, reduction="sum")
+    # A batch with no counted position (a chat row without an assistant turn) gives 0, not NaN.
+    return total / (targets != -100).sum().clamp(min=1)
