@@ -57,3 +57,19 @@ def ray_cluster():
 def session_tmp(tmp_path_factory):
     """A directory shared by the session's tests (e.g. one dataset dir built once)."""
     return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny ChatML BPE tokenizer dir (see tests/tiny_artifacts.py)."""
+    from tiny_artifacts import make_tokenizer_dir
+
+    return make_tokenizer_dir(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def debug_model_dir(tmp_path_factory, tokenizer_dir):
+    """A randomly initialised debug model dir in HF Llama format, with the tiny tokenizer."""
+    from tiny_artifacts import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("models") / "debug", tokenizer_dir)

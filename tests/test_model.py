@@ -9,26 +9,10 @@ import torch
 
 from raylm.errors import UserError
 from training.model import KVCache, ModelConfig, Transformer, count_params
+from tiny_artifacts import make_tokenizer_dir
 from training.model_dir import load_model_dir, save_model_dir
 
 transformers = pytest.importorskip("transformers")
-
-
-def make_tokenizer_dir(path, vocab_size: int = 96):
-    """A tiny byte-level BPE tokenizer dir, enough for a model dir's tokenizer files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainer)
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "tokenizer_class": "PreTrainedTokenizerFast"}
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
 
 
 CASES = {
@@ -56,14 +40,14 @@ def test_hf_llama_loads_with_equal_logits(tmp_path, case):
 
 def test_our_model_dir_loads_in_transformers_with_equal_logits(tmp_path):
     torch.manual_seed(1)
-    cfg = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64, rope_theta=50000.0)
+    cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64, rope_theta=50000.0)
     ours = Transformer(cfg).eval()
     out = save_model_dir(tmp_path / "model", ours.state_dict(), cfg, make_tokenizer_dir(tmp_path / "tok"))
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "manifest.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
     ]
     hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
-    tokens = torch.randint(0, 96, (3, 20))
+    tokens = torch.randint(0, 300, (3, 20))
     with torch.no_grad():
         assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
     reloaded, _ = load_model_dir(out)
