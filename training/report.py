@@ -1,0 +1,272 @@
+"""The run report: RUN_DIR/report.md with PNG plots, written at the end of every pretrain and fine-tune run.
+
+Inputs are the run dir's own files, so a report can be (re)made from any finished or interrupted
+run without Ray or a model:
+    RUN_DIR/metrics.jsonl   one JSON object per logged step (step, loss, lr, tokens_per_s, and
+                            val_loss / val_ppl on eval steps, ...)
+    RUN_DIR/run.json        the resolved config, the kind of run, the data/base, summary figures
+Outputs:
+    RUN_DIR/plots/{loss,lr,tokens_per_s}.png   made with matplotlib's Agg canvas (no display)
+    RUN_DIR/report.md                          final figures, evaluation, plots, samples, config
+
+A figure whose metric was never logged is left out rather than drawn empty. The same figures go
+to W&B as images when a W&B run is active in the calling process (`wandb.run`); the per-step
+curves themselves are already in W&B as charts, logged by the train loop.
+
+Run it by hand with `python -m training.report RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raylm.entry import run_main
+from raylm.errors import UserError
+
+PLOTS_DIR = "plots"
+
+# name -> (title, y label, [(metric key, legend label)])
+FIGURES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
+    "loss": ("Loss", "cross-entropy (nats/token)", [("loss", "train"), ("val_loss", "val")]),
+    "lr": ("Learning rate", "lr", [("lr", "lr")]),
+    "tokens_per_s": ("Throughput", "tokens/s", [("tokens_per_s", "tokens/s")]),
+}
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl -> rows; a torn last line (a run killed mid-write) is ignored, others refused."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}: line {number} is not a JSON object") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def read_run_info(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return info
+
+
+def series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that logged a finite number for `key`."""
+    steps, values = [], []
+    for i, row in enumerate(rows):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            steps.append(row.get("step", i))
+            values.append(value)
+    return steps, values
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+
+
+def plot_figure(rows: list[dict[str, Any]], name: str, out_dir: Path) -> Path | None:
+    """One PNG for FIGURES[name], or None when none of its metrics was logged."""
+    from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global state
+
+    title, ylabel, keys = FIGURES[name]
+    lines = [(label, *series(rows, key)) for key, label in keys]
+    lines = [line for line in lines if line[1]]
+    if not lines:
+        return None
+    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for label, steps, values in lines:
+        # Eval points are sparse: markers make a short val curve visible.
+        ax.plot(steps, values, label=label, marker="o" if len(steps) <= 30 else None, markersize=3)
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if len(lines) > 1:
+        ax.legend()
+    path = out_dir / f"{name}.png"
+    fig.savefig(path)
+    return path
+
+
+def plot_all(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: plot_figure(rows, name, out_dir) for name in FIGURES}
+    return {name: path for name, path in paths.items() if path is not None}
+
+
+def log_figures_to_wandb(figures: dict[str, Path]) -> bool:
+    """Log the PNGs as `report/<name>` images to the active W&B run; False when there is none."""
+    try:
+        import wandb
+    except ImportError:
+        return False
+    if wandb.run is None or not figures:
+        return False
+    wandb.log({f"report/{name}": wandb.Image(str(path)) for name, path in figures.items()})
+    return True
+
+
+# ---- figures and markdown -------------------------------------------------------------------------
+
+
+def final_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The numbers a reader wants first, computed from the metrics history."""
+    figures: dict[str, Any] = {}
+    if rows:
+        figures["logged steps"] = len(rows)
+        figures["last step"] = rows[-1].get("step")
+    _, train = series(rows, "loss")
+    if train:
+        figures["final train loss"] = train[-1]
+        figures["first train loss"] = train[0]
+    _, val = series(rows, "val_loss")
+    if val:
+        figures["final val loss"] = val[-1]
+        figures["best val loss"] = min(val)
+        figures["final val perplexity"] = math.exp(min(val[-1], 50.0))
+    _, speed = series(rows, "tokens_per_s")
+    if speed:
+        # The first logged interval carries start-up costs; leave it out when there are more.
+        steady = speed[1:] if len(speed) > 1 else speed
+        figures["mean tokens/s"] = sum(steady) / len(steady)
+    _, elapsed = series(rows, "elapsed_s")
+    if elapsed:
+        figures["elapsed s"] = elapsed[-1]
+    return figures
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, (dict, list)):
+        return f"`{json.dumps(value)}`"
+    return str(value)
+
+
+def table(pairs: dict[str, Any]) -> list[str]:
+    if not pairs:
+        return []
+    lines = ["| | |", "|:--|--:|"]
+    lines += [f"| {key} | {format_value(value).replace('|', '/')} |" for key, value in pairs.items()]
+    return lines + [""]
+
+
+def fenced(text: str) -> str:
+    """Text in a code fence that cannot be closed early by backticks inside the text."""
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}\n{text.rstrip()}\n{fence}"
+
+
+def samples_section(samples: list[dict[str, str]]) -> list[str]:
+    """Each sample: a `prompt` and one or more named outputs (e.g. `completion`, or `before`/`after`)."""
+    lines = ["## Sample generations", ""]
+    for i, sample in enumerate(samples, start=1):
+        lines += [f"### {i}. Prompt", "", fenced(str(sample.get("prompt", ""))), ""]
+        for key, text in sample.items():
+            if key != "prompt":
+                lines += [f"**{key}**", "", fenced(str(text)), ""]
+    return lines
+
+
+def render_markdown(
+    run_dir: Path,
+    info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    figures: dict[str, Path],
+    samples: list[dict[str, str]] | None,
+    evaluation: dict[str, Any] | None,
+) -> str:
+    kind = info.get("kind", "training")
+    lines = [f"# Run report: {run_dir.name} ({kind})", ""]
+    about = {k: v for k, v in info.items() if not isinstance(v, (dict, list)) and k != "kind"}
+    lines += table(about)
+    lines += ["## Final figures", ""]
+    lines += table(final_figures(rows)) or ["No metrics were logged.", ""]
+    for key, value in info.items():  # e.g. summary, dataset, wandb: whatever the run recorded
+        if isinstance(value, dict) and key != "config":
+            lines += [f"## {key.replace('_', ' ').capitalize()}", ""] + (table(value) or ["(empty)", ""])
+    if evaluation:
+        lines += ["## Evaluation", ""] + table(evaluation)
+    if figures:
+        lines += ["## Plots", ""]
+        lines += [f"![{FIGURES[name][0]}]({PLOTS_DIR}/{path.name})" for name, path in figures.items()] + [""]
+    if samples:
+        lines += samples_section(samples)
+    if "config" in info:
+        lines += ["## Config", "", fenced(yaml.safe_dump(info["config"], sort_keys=False)), ""]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(
+    run_dir: str | Path,
+    samples: list[dict[str, str]] | None = None,
+    evaluation: dict[str, Any] | None = None,
+) -> Path:
+    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png from the run dir's metrics and run.json.
+
+    `samples`: generations to show, each a dict with a `prompt` and named outputs.
+    `evaluation`: extra figures for their own section (fine-tuning: held-out loss before/after).
+    Returns the report's path. Safe to call again: it replaces the previous report.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run dir {str(run_dir)!r} does not exist")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    info = read_run_info(run_dir / "run.json")
+    figures = plot_all(rows, run_dir / PLOTS_DIR)
+    log_figures_to_wandb(figures)
+    path = run_dir / "report.md"
+    write_atomic(path, render_markdown(run_dir, info, rows, figures, samples, evaluation))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.report", description="(Re)write RUN_DIR/report.md and its plots.")
+    parser.add_argument("run_dir", help="a pretrain or finetune run dir (with metrics.jsonl and run.json)")
+    args = parser.parse_args(argv)
+    print(write_report(args.run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
