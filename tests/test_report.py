@@ -46,7 +46,7 @@ def write_run_dir(path, steps=40, eval_every=10, torn_tail=False):
 def test_report_has_plots_final_figures_samples_and_config(tmp_path):
     run_dir = write_run_dir(tmp_path / "run", torn_tail=True)
     samples = [{"prompt": "What does `json.dumps` do?", "before": "x ``` y", "after": "Serialize obj."}]
-    report = write_report(run_dir, samples=samples, evaluation={"held-out loss before": 3.5, "held-out loss after": 2.1})
+    report = write_report(run_dir, samples=samples, sections={"Evaluation": {"held-out loss before": 3.5, "held-out loss after": 2.1}})
     text = report.read_text()
 
     for name in ("loss", "lr", "tokens_per_s"):
@@ -56,7 +56,7 @@ def test_report_has_plots_final_figures_samples_and_config(tmp_path):
     assert "# Run report: run (finetune)" in text
     assert "| final train loss | " in text and "| best val loss | 1.617 |" in text
     assert "| logged steps | 40 |" in text  # the torn last line is ignored
-    assert "| held-out loss after | 2.1 |" in text
+    assert "## Evaluation\n" in text and "| held-out loss after | 2.1 |" in text
     assert "| tokens | 12345 |" in text
     assert "What does `json.dumps` do?" in text and "Serialize obj." in text
     assert "````\nx ``` y\n````" in text  # backticks in a sample cannot close its fence

@@ -203,7 +203,7 @@ def render_markdown(
     rows: list[dict[str, Any]],
     figures: dict[str, Path],
     samples: list[dict[str, str]] | None,
-    evaluation: dict[str, Any] | None,
+    sections: dict[str, dict[str, Any]] | None,
 ) -> str:
     kind = info.get("kind", "training")
     lines = [f"# Run report: {run_dir.name} ({kind})", ""]
@@ -214,8 +214,8 @@ def render_markdown(
     for key, value in info.items():  # e.g. summary, dataset, wandb: whatever the run recorded
         if isinstance(value, dict) and key != "config":
             lines += [f"## {key.replace('_', ' ').capitalize()}", ""] + (table(value) or ["(empty)", ""])
-    if evaluation:
-        lines += ["## Evaluation", ""] + table(evaluation)
+    for title, pairs in (sections or {}).items():
+        lines += [f"## {title}", ""] + (table(pairs) or ["(empty)", ""])
     if figures:
         lines += ["## Plots", ""]
         lines += [f"![{FIGURES[name][0]}]({PLOTS_DIR}/{path.name})" for name, path in figures.items()] + [""]
@@ -240,12 +240,12 @@ def write_atomic(path: Path, text: str) -> None:
 def write_report(
     run_dir: str | Path,
     samples: list[dict[str, str]] | None = None,
-    evaluation: dict[str, Any] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png from the run dir's metrics and run.json.
 
     `samples`: generations to show, each a dict with a `prompt` and named outputs.
-    `evaluation`: extra figures for their own section (fine-tuning: held-out loss before/after).
+    `sections`: extra tables, {title: {name: value}} (fine-tuning: held-out loss before/after, data counts).
     Returns the report's path. Safe to call again: it replaces the previous report.
     """
     run_dir = Path(run_dir)
@@ -256,7 +256,7 @@ def write_report(
     figures = plot_all(rows, run_dir / PLOTS_DIR)
     log_figures_to_wandb(figures)
     path = run_dir / "report.md"
-    write_atomic(path, render_markdown(run_dir, info, rows, figures, samples, evaluation))
+    write_atomic(path, render_markdown(run_dir, info, rows, figures, samples, sections))
     return path
 
 
