@@ -1,0 +1,139 @@
+"""The dataset dir contract, read side: what other stages call to check and find a dataset.
+
+    DIR/manifest.json             what made it, counts, checksums (written last: its presence
+                                  means the dir is complete)
+    DIR/tokenizer/                tokenizer.json + tokenizer_config.json (Hugging Face form)
+    DIR/train/*.parquet           one column `input_ids`: rows of exactly seq_len + 1 ids
+    DIR/val/*.parquet
+
+`read_dataset_manifest(dir)` validates the manifest and that every listed file exists, and
+raises a UserError naming the file and the field otherwise; `shard_paths(dir, split)` lists a
+split's shards in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from raylm.errors import UserError
+
+KIND = "raylm.dataset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+# field -> the type(s) it must have
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "kind": str,
+    "format_version": int,
+    "source": str,
+    "seq_len": int,
+    "vocab_size": int,
+    "dtype": str,
+    "tokenizer_sha256": str,
+    "special_tokens": dict,
+    "documents": dict,
+    "tokens": dict,
+    "splits": dict,
+    "created_by": str,
+}
+SPECIAL_TOKEN_NAMES = ("endoftext", "pad", "im_start", "im_end")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_path(dataset_dir: str | Path) -> Path:
+    return Path(dataset_dir) / MANIFEST
+
+
+def load_manifest_json(dataset_dir: str | Path) -> dict[str, Any]:
+    path = manifest_path(dataset_dir)
+    if not Path(dataset_dir).is_dir():
+        raise UserError(f"dataset dir {str(dataset_dir)!r} does not exist (make one with `raylm prepare --out DIR`)")
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {str(dataset_dir)!r} is not a complete dataset dir (an interrupted `raylm prepare`?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return manifest
+
+
+def require(condition: bool, path: Path, field: str, expected: str) -> None:
+    if not condition:
+        raise UserError(f"{path}: field {field!r} {expected}")
+
+
+def check_split(manifest: dict, split: str, dataset_dir: Path, path: Path, verify_checksums: bool) -> None:
+    entry = manifest["splits"].get(split)
+    require(isinstance(entry, dict), path, f"splits.{split}", "is missing; expected {sequences, tokens, shards}")
+    for key in ("sequences", "tokens"):
+        require(isinstance(entry.get(key), int), path, f"splits.{split}.{key}", "must be an integer")
+    shards = entry.get("shards")
+    require(isinstance(shards, list), path, f"splits.{split}.shards", "must be a list")
+    for i, shard in enumerate(shards):
+        field = f"splits.{split}.shards[{i}]"
+        require(isinstance(shard, dict), path, field, "must be an object {path, rows, sha256}")
+        require(isinstance(shard.get("path"), str), path, f"{field}.path", "must be a relative file path")
+        require(isinstance(shard.get("rows"), int), path, f"{field}.rows", "must be an integer")
+        require(isinstance(shard.get("sha256"), str), path, f"{field}.sha256", "must be a hex digest")
+        file = dataset_dir / shard["path"]
+        require(file.is_file(), path, f"{field}.path", f"names {str(file)!r}, which does not exist")
+        if verify_checksums:
+            require(file_sha256(file) == shard["sha256"], path, f"{field}.sha256", f"does not match {str(file)!r} (a changed or corrupt shard)")
+    rows = sum(shard["rows"] for shard in shards)
+    require(rows == entry["sequences"], path, f"splits.{split}.sequences", f"is {entry['sequences']} but the shards hold {rows} rows")
+
+
+def read_dataset_manifest(dataset_dir: str | Path, verify_checksums: bool = False) -> dict[str, Any]:
+    """Validate `dataset_dir/manifest.json` and the files it lists; return the manifest.
+
+    `verify_checksums` also re-hashes every shard (slower; for a dataset copied from elsewhere).
+    """
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest_json(dataset_dir)
+    path = manifest_path(dataset_dir)
+    require(manifest.get("kind") == KIND, path, "kind", f"is {manifest.get('kind')!r}; expected {KIND!r}")
+    require(
+        manifest.get("format_version") == FORMAT_VERSION,
+        path,
+        "format_version",
+        f"is {manifest.get('format_version')!r}; this raylm reads version {FORMAT_VERSION}",
+    )
+    for field, expected_type in REQUIRED_FIELDS.items():
+        require(field in manifest, path, field, "is missing")
+        require(isinstance(manifest[field], expected_type), path, field, f"must be of type {getattr(expected_type, '__name__', expected_type)}")
+    require(manifest["seq_len"] > 0, path, "seq_len", "must be positive")
+    require(manifest["dtype"] in ("uint16", "uint32"), path, "dtype", "must be 'uint16' or 'uint32'")
+    for name in SPECIAL_TOKEN_NAMES:
+        require(isinstance(manifest["special_tokens"].get(name), int), path, f"special_tokens.{name}", "must be a token id")
+    for split in SPLITS:
+        check_split(manifest, split, dataset_dir, path, verify_checksums)
+    tokenizer_file = dataset_dir / "tokenizer" / "tokenizer.json"
+    require(tokenizer_file.is_file(), path, "tokenizer_sha256", f"describes {str(tokenizer_file)!r}, which does not exist")
+    return manifest
+
+
+def shard_paths(dataset_dir: str | Path, split: str) -> list[str]:
+    """Absolute paths of `split`'s shards, in order (the manifest is validated first)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    manifest = read_dataset_manifest(dataset_dir)
+    root = Path(dataset_dir).resolve()
+    return [str(root / shard["path"]) for shard in manifest["splits"][split]["shards"]]
+
+
+def tokenizer_dir(dataset_dir: str | Path) -> str:
+    """The dataset's tokenizer dir (what AutoTokenizer.from_pretrained and model dirs take)."""
+    return str(Path(dataset_dir).resolve() / "tokenizer")

@@ -1,0 +1,105 @@
+"""Documents -> token ids, as a Ray Data UDF.
+
+Long documents are cut into ~4 KB chunks before `encode_batch` (on these machines 4 KB chunks
+encode 2.5x faster than whole files). A cut falls only where whitespace follows a non-space
+character: the byte-level pre-tokenizer always breaks a word there and its regex looks only
+ahead, so the chunks' ids joined are exactly the whole document's ids (a test checks this).
+
+Each kept document's ids end with `<|endoftext|>`, the separator packing relies on; its
+content hash (blake2b-128 of the UTF-8 text) drives exact dedup and the train/val split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer
+
+from data.tokenizer import ENDOFTEXT
+
+DEFAULT_CHUNK_CHARS = 4096
+
+# One tokenizer per worker process, keyed by its JSON, so each task does not parse it again.
+_TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def cached_tokenizer(tokenizer_json: str) -> Tokenizer:
+    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
+    return _TOKENIZERS[key]
+
+
+def is_cut_point(text: str, i: int) -> bool:
+    return text[i] in " \n" and not text[i - 1].isspace()
+
+
+def chunk_text(text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> list[str]:
+    """Cut `text` into pieces of about `chunk_chars` whose encodings concatenate to the whole's."""
+    chunks = []
+    start = 0
+    while len(text) - start > chunk_chars:
+        cut = start + chunk_chars
+        # Search back from the target for a safe cut, then forward if the window has none.
+        while cut > start and not is_cut_point(text, cut):
+            cut -= 1
+        if cut == start:
+            cut = start + chunk_chars + 1
+            while cut < len(text) and not is_cut_point(text, cut):
+                cut += 1
+            if cut >= len(text):
+                break
+        chunks.append(text[start:cut])
+        start = cut
+    chunks.append(text[start:])
+    return chunks
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], chunk_chars: int = DEFAULT_CHUNK_CHARS) -> list[list[int]]:
+    """Token ids of each text (no separators), through chunked `encode_batch`."""
+    chunks: list[str] = []
+    owners: list[int] = []
+    for index, text in enumerate(texts):
+        pieces = chunk_text(text, chunk_chars)
+        chunks.extend(pieces)
+        owners.extend([index] * len(pieces))
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
+    encodings = encode(chunks, add_special_tokens=False)
+    ids: list[list[int]] = [[] for _ in texts]
+    for owner, encoding in zip(owners, encodings):
+        ids[owner].extend(encoding.ids)
+    return ids
+
+
+def content_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> pa.Table:
+    """Ray Data UDF: document rows -> {source, skip, error, hash, text_bytes, ids (+ separator)}."""
+    tokenizer = cached_tokenizer(tokenizer_json)
+    separator = tokenizer.token_to_id(ENDOFTEXT)
+    texts = batch.column("text").to_pylist()
+    kept = [i for i, text in enumerate(texts) if text is not None]
+    encoded = encode_texts(tokenizer, [texts[i] for i in kept], chunk_chars)
+    ids: list[np.ndarray | None] = [None] * len(texts)
+    hashes: list[bytes | None] = [None] * len(texts)
+    sizes = [0] * len(texts)
+    for i, doc_ids in zip(kept, encoded):
+        doc_ids.append(separator)
+        ids[i] = np.asarray(doc_ids, dtype=id_dtype)
+        hashes[i] = content_hash(texts[i])
+        sizes[i] = len(texts[i].encode("utf-8"))
+    value_type = pa.uint16() if id_dtype == "uint16" else pa.uint32()
+    return pa.table(
+        {
+            "source": batch.column("source"),
+            "skip": batch.column("skip"),
+            "error": batch.column("error"),
+            "hash": pa.array(hashes, type=pa.binary(16)),
+            "text_bytes": pa.array(sizes, type=pa.int64()),
+            "ids": pa.array(ids, type=pa.large_list(value_type)),
+        }
+    )
