@@ -1,0 +1,154 @@
+"""Checkpoints: what a resumable checkpoint holds, how it is written, read back and exported.
+
+A checkpoint folder (one per `ray.train.report`; Ray merges the workers' folders into one):
+
+    ds/                     DeepSpeed's own checkpoint (tag "ds"): model states, and each rank's
+                            ZeRO optimizer / parameter shards (file names carry the rank)
+    latest                  DeepSpeed's pointer to the tag
+    raylm_state.json        rank 0: step, data position (epoch, batches consumed in it), tokens,
+                            world size, ZeRO stage, W&B run id, elapsed seconds
+    rng/rank_<r>.json       every rank's Python, NumPy and torch RNG states
+    model/                  optional (checkpoint.export_hf): a Hugging Face model dir
+
+Nothing here is pickled by us (JSON); DeepSpeed's own files are read only by DeepSpeed, from a
+run dir this run wrote.
+
+A checkpoint written at another world size (or ZeRO stage) is converted to a DeepSpeed universal
+checkpoint (`ds_to_universal`) and loaded with `load_universal`; each rank converts into its own
+temp dir, so it works when ranks do not share a disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DS_TAG = "ds"
+STATE_FILE = "raylm_state.json"
+RNG_DIR = "rng"
+MODEL_SUBDIR = "model"
+
+
+# ---- RNG -----------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- save ----------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, train_state: dict, rank: int) -> Path:
+    """Every rank: write this rank's part of a checkpoint into a fresh local folder and return it.
+
+    A fresh `mkdtemp` (not a TemporaryDirectory): Ray may upload it after this returns.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="raylm-ckpt-"))
+    engine.save_checkpoint(str(folder), tag=DS_TAG)
+    write_json_atomic(folder / RNG_DIR / f"rank_{rank}.json", rng_state())
+    if rank == 0:
+        write_json_atomic(folder / STATE_FILE, train_state)
+    return folder
+
+
+# ---- load ----------------------------------------------------------------------------------------
+
+
+def read_train_state(checkpoint_dir: Path) -> dict:
+    path = checkpoint_dir / STATE_FILE
+    if not path.is_file():
+        raise RuntimeError(f"checkpoint {checkpoint_dir} has no {STATE_FILE}: not a raylm checkpoint")
+    return json.loads(path.read_text())
+
+
+def restore_rng(checkpoint_dir: Path, rank: int, fallback_seed: int) -> None:
+    """This rank's saved RNG states, or (a rank that did not exist before a resize) a fresh seed."""
+    path = checkpoint_dir / RNG_DIR / f"rank_{rank}.json"
+    if path.is_file():
+        set_rng_state(json.loads(path.read_text()))
+    else:
+        seed_everything(fallback_seed)
+
+
+def needs_universal(train_state: dict, world_size: int, zero_stage: int) -> bool:
+    """DeepSpeed refuses ZeRO shards written at another world size or stage; universal checkpoints load anywhere."""
+    if train_state["zero_stage"] == 0 and zero_stage == 0:
+        return False  # unsharded: the model-states file holds everything
+    return train_state["world_size"] != world_size or train_state["zero_stage"] != zero_stage
+
+
+def convert_to_universal(checkpoint_dir: Path, zero_stage: int) -> Path:
+    """ds_to_universal into a local temp dir; returns the dir to pass to `engine.load_checkpoint`."""
+    out = Path(tempfile.mkdtemp(prefix="raylm-universal-"))
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(checkpoint_dir / DS_TAG),
+        "--output_folder", str(out / DS_TAG),
+        "--num_extract_workers", "1",
+        "--num_merge_workers", "1",
+    ]
+    if zero_stage in (1, 2):
+        cmd.append("--inject_missing_state")  # ZeRO-1/2 shards lack the param-slice map the converter wants
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        raise RuntimeError(f"ds_to_universal failed on {checkpoint_dir}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    (out / "latest_universal").write_text(DS_TAG)
+    return out
+
+
+def load_checkpoint(engine, load_dir: Path) -> None:
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint under {load_dir}/{DS_TAG}")
+
+
+# ---- export --------------------------------------------------------------------------------------
+
+
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The whole model's weights in fp32 on the CPU. A collective under ZeRO-3: every rank calls it."""
+    module = engine.module
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {name: p.detach().to("cpu", torch.float32).clone() for name, p in module.state_dict().items()}
+    return {name: p.detach().to("cpu", torch.float32).clone() for name, p in module.state_dict().items()}

@@ -1,0 +1,207 @@
+"""The training config: one typed dataclass tree, loaded from a recipe YAML plus `key=value` overrides.
+
+Pretraining and fine-tuning share it (they run the same loop). `load_train_config` is the one
+way in: it rejects unknown or ill-typed keys by their dotted name (raylm.config) and checks the
+sections against each other. Batch arithmetic lives here too, so the driver, the workers and the
+docs agree on what "global batch" means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+from raylm.config import load_config
+from raylm.errors import UserError
+from training.model import ModelConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 256  # tokens per training sequence; must equal the dataset manifest's seq_len
+    micro_batch: int = 8  # sequences per worker per forward/backward pass
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step (ignored when global_batch is set)
+    global_batch: int = 0  # sequences per optimizer step over all workers; 0 = micro_batch*grad_accum*workers.
+    #   Set it to keep the optimisation identical when the worker count changes (grad_accum is derived).
+    shuffle_seed: int = 0  # seed of the deterministic data order: epoch e is permuted by (shuffle_seed, e)
+    shuffle_window: int = 64  # global batches permuted together; larger mixes more, holds more rows in memory
+
+    def validate(self) -> None:
+        for name in ("seq_len", "micro_batch", "grad_accum", "shuffle_window"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.global_batch < 0:
+            raise UserError(f"data.global_batch must be 0 (derived) or positive, got {self.global_batch}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (never on norms)
+
+    def validate(self) -> None:
+        if self.lr < 0 or self.weight_decay < 0 or self.eps <= 0:
+            raise UserError("optimizer.lr and optimizer.weight_decay must be >= 0 and optimizer.eps > 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "wsd"] = "cosine"  # warmup then cosine decay, or warmup-stable-decay
+    warmup_steps: int = 100  # linear warmup from 0 to optimizer.lr
+    total_steps: int = 0  # steps the schedule spans; 0 = max_steps (set it to extend a run without changing its LR curve)
+    min_lr_ratio: float = 0.1  # the final learning rate as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd only: the last fraction of total_steps that decays (linearly) to min_lr
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0 or self.total_steps < 0:
+            raise UserError("schedule.warmup_steps and schedule.total_steps must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise UserError(f"schedule.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2  # ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 + gradients, 3 + parameters
+    offload_optimizer: bool = False  # keep optimizer state (and its step) on the CPU (DeepSpeedCPUAdam)
+    offload_params: bool = False  # ZeRO-3 only: keep parameters on the CPU between uses
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU; fp16 needs a GPU
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
+    ds_config_json: str | None = None  # a DeepSpeed JSON file deep-merged over the generated config (expert override)
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise UserError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise UserError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        if self.grad_clip < 0:
+            raise UserError(f"deepspeed.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.ds_config_json is not None and not Path(self.ds_config_json).is_file():
+            raise UserError(f"deepspeed.ds_config_json: file {self.ds_config_json!r} does not exist")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500  # save a resumable checkpoint every N optimizer steps (and always at the end); 0 = only at the end
+    keep: int = 3  # checkpoints kept in the run dir (the oldest are deleted)
+    export_hf: bool = False  # also write a Hugging Face model dir (`model/`) inside every checkpoint
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep <= 0:
+            raise UserError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200  # evaluate on the val split every N steps (and at the end); 0 = only at the end
+    batches: int = 8  # micro-batches per worker in each evaluation
+
+    def validate(self) -> None:
+        if self.every < 0 or self.batches < 0:
+            raise UserError("eval.every and eval.batches must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # console + W&B + metrics.jsonl every N steps (the first and last step always)
+    wandb_project: str = "raylm"  # W&B project
+    wandb_entity: str | None = None  # W&B entity (team); None = your default
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE, else online with an API key, else offline
+    peak_tflops_per_worker: float = 0.0  # device peak for MFU; 0 = known GPU table, else a measured matmul peak
+
+    def validate(self) -> None:
+        if self.every <= 0:
+            raise UserError(f"logging.every must be positive, got {self.every}")
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2  # Ray Train workers (data-parallel ranks)
+    use_gpu: bool | Literal["auto"] = "auto"  # auto = use GPUs when the cluster has any
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker
+    gpus_per_worker: float = 1.0  # GPUs per worker when use_gpu
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources per worker
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails; -1 = unlimited
+
+    def validate(self) -> None:
+        if self.num_workers <= 0:
+            raise UserError(f"scaling.num_workers must be positive, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise UserError(f"scaling.cpus_per_worker must be positive, got {self.cpus_per_worker}")
+
+
+@dataclass
+class FaultConfig:
+    kill_rank: int = -1  # testing: this world rank exits hard (os._exit(1)) ...
+    kill_at_step: int = 0  # ... when it reaches this step, on the run's first attempt only; 0 = never
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the architecture (ignored for weights given by --base)
+    data: DataConfig = field(default_factory=DataConfig)  # batches and data order
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the learning-rate curve
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # ZeRO, precision, clipping, offload
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)  # how often, how many
+    eval: EvalConfig = field(default_factory=EvalConfig)  # validation loss / perplexity
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # console, metrics.jsonl, W&B
+    scaling: ScalingSection = field(default_factory=ScalingSection)  # Ray Train workers and resources
+    faults: FaultConfig = field(default_factory=FaultConfig)  # fault injection for resume tests
+    seed: int = 0  # seeds the weight init and every rank's RNGs
+    max_steps: int = 1000  # optimizer steps to train
+
+    def validate(self) -> None:
+        if self.max_steps <= 0:
+            raise UserError(f"max_steps must be positive, got {self.max_steps}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise UserError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        grad_accum(self, self.scaling.num_workers)  # a global batch the workers cannot split is an error now
+
+
+def grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per step on each worker, honouring data.global_batch when it is set."""
+    if not cfg.data.global_batch:
+        return cfg.data.grad_accum
+    per_pass = cfg.data.micro_batch * world_size
+    if cfg.data.global_batch % per_pass:
+        raise UserError(
+            f"data.global_batch ({cfg.data.global_batch}) must be a multiple of data.micro_batch x workers "
+            f"({cfg.data.micro_batch} x {world_size} = {per_pass})"
+        )
+    return cfg.data.global_batch // per_pass
+
+
+def global_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Sequences per optimizer step over all workers."""
+    return cfg.data.micro_batch * grad_accum(cfg, world_size) * world_size
+
+
+def schedule_total_steps(cfg: TrainConfig) -> int:
+    return cfg.schedule.total_steps or cfg.max_steps
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """`tiny` -> training/configs/tiny.yaml; anything else is a path."""
+    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")) and builtin.is_file():
+        return builtin
+    return Path(name_or_path)
+
+
+def load_train_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """A recipe (file or built-in name) + `key=value` overrides -> a validated TrainConfig."""
+    return load_config(TrainConfig, recipe_path(str(path)) if path is not None else None, list(overrides))

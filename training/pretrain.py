@@ -1,0 +1,248 @@
+"""`raylm pretrain`: train the model on a dataset dir with Ray Train + DeepSpeed; and `run_training`,
+the driver side of the one train loop that fine-tuning calls too.
+
+    raylm pretrain --config tiny --data DATASET_DIR --out RUN_DIR [--num-workers N] [--zero-stage S]
+                   [--max-steps N] [--address RAY_ADDRESS] [key=value ...]
+
+RUN_DIR is Ray Train's run (RunConfig(name=basename, storage_path=parent)); running the same
+command again resumes from its latest checkpoint. RUN_DIR must be on storage every worker can
+reach (a local disk on one machine, NFS or similar on a cluster). It ends up holding:
+    checkpoint_step*/   resumable DeepSpeed checkpoints (training/checkpoint.py), the last `keep`
+    model/              the trained model as a Hugging Face Llama-format dir
+    metrics.jsonl       one JSON object per logged step
+    run.json            the resolved config, kind, data, summary figures (written last)
+    report.md, plots/   the run report (training/report.py)
+    wandb/              the W&B run files (offline runs sync later with `wandb sync`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raylm.config import to_dict
+from raylm.entry import run_main
+from raylm.errors import UserError
+from training.config import TrainConfig, global_batch, load_train_config
+from training.deepspeed_config import resolve_precision
+from training.tracking import METRICS_FILE
+
+RUN_INFO_FILE = "run.json"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path  # the Ray Train run dir
+    model_dir: Path  # RUN_DIR/model, the exported Hugging Face model dir
+    final_train_loss: float | None  # the last logged train loss
+    final_val_loss: float | None  # the last val loss (None without a val split)
+    metrics: list[dict] = field(default_factory=list)  # metrics.jsonl, one dict per logged step
+    summary: dict[str, Any] = field(default_factory=dict)  # steps, tokens, seconds, tokens/s
+
+
+def resolve_use_gpu(setting: bool | str) -> bool:
+    import ray
+
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(setting)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(metrics: list[dict]) -> dict[str, Any]:
+    train = [m for m in metrics if m.get("loss") is not None]
+    val = [m for m in metrics if m.get("val_loss") is not None]
+    speeds = [m["tokens_per_s"] for m in metrics[1:] if m.get("tokens_per_s")]  # the first step includes warm-up
+    last = metrics[-1] if metrics else {}
+    return {
+        "steps": last.get("step", 0),
+        "tokens": last.get("tokens"),
+        "seconds": last.get("elapsed_s"),
+        "final_train_loss": train[-1]["loss"] if train else None,
+        "first_train_loss": train[0]["loss"] if train else None,
+        "final_val_loss": val[-1]["val_loss"] if val else None,
+        "first_val_loss": val[0]["val_loss"] if val else None,
+        "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+    }
+
+
+def write_run_info(run_dir: Path, info: dict) -> None:
+    tmp = run_dir / f".{RUN_INFO_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    os.replace(tmp, run_dir / RUN_INFO_FILE)
+
+
+def check_rows(name: str, count: int, needed: int, what: str) -> None:
+    if count < needed:
+        raise UserError(f"{name} split has {count} rows; {what} needs at least {needed}")
+
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    train,
+    val=None,
+    tokenizer_dir: str,
+    out: str,
+    init_model_dir: str | None = None,
+    kind: str = "pretrain",
+    source: dict | None = None,
+    write_run_report: bool = True,
+) -> TrainResult:
+    """Train with Ray Train + DeepSpeed on `train` (rows: input_ids [+ loss_mask], seq_len+1 long).
+
+    `init_model_dir` starts from a HF Llama-format model dir's weights; its config replaces cfg.model.
+    `source` is recorded in run.json (e.g. the dataset dir or the base model). Ray must be initialised.
+    """
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from training.loop import train_loop_per_worker
+
+    run_dir = Path(out).expanduser().resolve()
+    if init_model_dir:
+        from training.model_dir import read_model_config
+
+        cfg.model = read_model_config(init_model_dir)
+        if cfg.data.seq_len > cfg.model.max_seq_len:
+            raise UserError(f"data.seq_len ({cfg.data.seq_len}) exceeds the base model's max_position_embeddings ({cfg.model.max_seq_len})")
+    use_gpu = resolve_use_gpu(cfg.scaling.use_gpu)
+    resolve_precision(cfg.deepspeed.precision, use_gpu)
+    world = cfg.scaling.num_workers
+    check_rows("the train", train.count(), global_batch(cfg, world), f"a global batch of {world} workers")
+    has_val = val is not None and cfg.eval.batches > 0
+    if has_val:
+        check_rows("the val", val.count(), world, f"evaluation on {world} workers (or set eval.batches=0)")
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    datasets = {"train": train, **({"val": val} if has_val else {})}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            "init_model_dir": str(Path(init_model_dir).resolve()) if init_model_dir else None,
+            "use_gpu": use_gpu, "kind": kind, "has_val": has_val,
+        },
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+        datasets=datasets,
+        # Every worker reads whole splits in file order; the loop derives its share (see loop.py).
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+    )
+    started = time.time()
+    trainer.fit()
+    metrics = read_metrics(run_dir)
+    summary = summarize(metrics) | {"driver_seconds": round(time.time() - started, 1)}
+    write_run_info(run_dir, {
+        "kind": kind,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source or {},
+        "init_model_dir": init_model_dir,
+        "num_workers": world,
+        "use_gpu": use_gpu,
+        "precision": resolve_precision(cfg.deepspeed.precision, use_gpu),
+        "global_batch": global_batch(cfg, world),
+        "summary": summary,
+        "config": to_dict(cfg),
+    })
+    if write_run_report:
+        from training.report import write_report
+
+        write_report(run_dir)
+    return TrainResult(
+        run_dir=run_dir,
+        model_dir=run_dir / "model",
+        final_train_loss=summary["final_train_loss"],
+        final_val_loss=summary["final_val_loss"],
+        metrics=metrics,
+        summary=summary,
+    )
+
+
+# ---- the dataset dir -----------------------------------------------------------------------------
+
+
+def dataset_splits(data_dir: str) -> tuple[dict, list[str], list[str]]:
+    """(manifest, train shard paths, val shard paths) of a dataset dir, checked by the data stage's reader."""
+    from data.dataset_dir import read_dataset_manifest, shard_paths
+
+    manifest = read_dataset_manifest(data_dir)
+    return manifest, shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
+
+
+def check_dataset_fits(manifest: dict, cfg: TrainConfig, data_dir: str) -> None:
+    where = f"{data_dir}/manifest.json"
+    if manifest["seq_len"] != cfg.data.seq_len:
+        raise UserError(f"{where}: seq_len is {manifest['seq_len']} but data.seq_len is {cfg.data.seq_len}; set data.seq_len={manifest['seq_len']} or re-prepare")
+    if manifest["vocab_size"] > cfg.model.vocab_size:
+        raise UserError(f"{where}: vocab_size is {manifest['vocab_size']} but model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size={manifest['vocab_size']}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="raylm pretrain", description="Pretrain on a dataset dir with Ray Train + DeepSpeed ZeRO.")
+    parser.add_argument("--config", required=True, help="a recipe name (debug, tiny, gpt2-124m, 350m, 1b, 7b) or a YAML path")
+    parser.add_argument("--data", required=True, help="dataset dir written by `raylm prepare`")
+    parser.add_argument("--out", required=True, help="run dir; re-running the command resumes it")
+    parser.add_argument("--num-workers", type=int, help="shortcut for scaling.num_workers=N")
+    parser.add_argument("--zero-stage", type=int, help="shortcut for deepspeed.zero_stage=S")
+    parser.add_argument("--max-steps", type=int, help="shortcut for max_steps=N")
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=1e-3")
+    return parser.parse_args(argv)
+
+
+def shortcut_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = [("scaling.num_workers", args.num_workers), ("deepspeed.zero_stage", args.zero_stage), ("max_steps", args.max_steps)]
+    return [f"{key}={value}" for key, value in pairs if value is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_train_config(args.config, [*args.overrides, *shortcut_overrides(args)])
+    manifest, train_paths, val_paths = dataset_splits(args.data)
+    check_dataset_fits(manifest, cfg, args.data)
+
+    import ray.data
+
+    from raylm.ray_utils import init_ray
+
+    init_ray(args.address)
+    train = ray.data.read_parquet(train_paths, columns=["input_ids"])
+    val = ray.data.read_parquet(val_paths, columns=["input_ids"]) if val_paths else None
+    result = run_training(
+        cfg, train=train, val=val, tokenizer_dir=str(Path(args.data) / "tokenizer"), out=args.out,
+        source={"dataset_dir": str(Path(args.data).resolve()), "manifest_source": manifest.get("source")},
+    )
+    s = result.summary
+    val_text = f", val loss {s['first_val_loss']:.3f} -> {s['final_val_loss']:.3f}" if s["final_val_loss"] is not None else ""
+    print(
+        f"pretrained {s['steps']} steps ({s['tokens'] or 0:,} tokens) in {s['seconds'] or 0:.0f}s: train loss "
+        f"{s['first_train_loss']:.3f} -> {s['final_train_loss']:.3f}{val_text}; model dir {result.model_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
