@@ -103,3 +103,17 @@ def test_figures_go_to_an_active_wandb_run(tmp_path, monkeypatch):
     # W&B stores each logged image under media/images/<key>_<step>_<hash>.png
     images = sorted(p.relative_to(files_dir).as_posix() for p in Path(files_dir, "media", "images").rglob("*.png"))
     assert [name.split("_")[0] for name in images] == ["media/images/report/loss", "media/images/report/lr", "media/images/report/tokens"]
+
+
+def test_cli_attaches_the_plots_to_the_run_dirs_own_wandb_run(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = write_run_dir(tmp_path / "run")
+    trained = wandb.init(project="raylm-test-report", id="reporttest1", dir=str(run_dir))  # as the loop's rank 0 does
+    trained.log({"loss": 1.0})
+    trained.finish()
+    assert main([str(run_dir), "--wandb"]) == 0
+    # The resumed run writes a folder of its own (or shares the first one, when within the same second).
+    folders = sorted((run_dir / "wandb").glob("offline-run-*-reporttest1*"))
+    images = sorted(p.name.split("_")[0] for folder in folders for p in folder.rglob("media/images/report/*.png"))
+    assert images == ["loss", "lr", "tokens"]

@@ -10,10 +10,13 @@ Outputs:
     RUN_DIR/report.md                          final figures, evaluation, plots, samples, config
 
 A figure whose metric was never logged is left out rather than drawn empty. The same figures go
-to W&B as images when a W&B run is active in the calling process (`wandb.run`); the per-step
-curves themselves are already in W&B as charts, logged by the train loop.
+to W&B as images (`report/loss`, ...) when a W&B run is active in the calling process; the
+per-step curves themselves are already W&B charts, logged by the train loop on rank 0. The run
+finished on a worker, so the driver does not reopen it on its own (a second writer to an offline
+run's folder surprises readers); `python -m training.report RUN_DIR --wandb` resumes the run whose
+folder is in RUN_DIR/wandb/ and attaches the images.
 
-Run it by hand with `python -m training.report RUN_DIR`.
+Run it by hand with `python -m training.report RUN_DIR [--wandb]`.
 """
 
 from __future__ import annotations
@@ -131,6 +134,35 @@ def log_figures_to_wandb(figures: dict[str, Path]) -> bool:
         return False
     wandb.log({f"report/{name}": wandb.Image(str(path)) for name, path in figures.items()})
     return True
+
+
+def wandb_run_in(run_dir: Path) -> tuple[str, str] | None:
+    """(run id, mode) of the latest W&B run in RUN_DIR/wandb/, or None."""
+    # Each run folder (`run-<time>-<id>`, `offline-run-<time>-<id>`, with `-1`... on a name clash)
+    # holds `run-<id>.wandb`: the id is read from that file's name.
+    records = sorted((run_dir / "wandb").glob("*run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    if not records:
+        return None
+    run_id = records[-1].stem.removeprefix("run-")
+    return run_id, "offline" if records[-1].parent.name.startswith("offline-") else "online"
+
+
+def log_figures_to_run(run_dir: Path, figures: dict[str, Path]) -> str:
+    """Resume the run dir's own W&B run and attach the figures; returns the run id."""
+    import wandb
+
+    found = wandb_run_in(run_dir)
+    if found is None:
+        raise UserError(f"{run_dir}/wandb/ holds no W&B run folder (was W&B disabled for this run?)")
+    run_id, mode = found
+    logging = read_run_info(run_dir / "run.json").get("config", {}).get("logging", {})
+    run = wandb.init(project=logging.get("wandb_project", "raylm"), entity=logging.get("wandb_entity"), id=run_id,
+                     resume="allow", dir=str(run_dir), mode=os.environ.get("WANDB_MODE", mode))
+    try:
+        log_figures_to_wandb(figures)
+    finally:
+        run.finish()
+    return run_id
 
 
 # ---- figures and markdown -------------------------------------------------------------------------
@@ -263,8 +295,13 @@ def write_report(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.report", description="(Re)write RUN_DIR/report.md and its plots.")
     parser.add_argument("run_dir", help="a pretrain or finetune run dir (with metrics.jsonl and run.json)")
+    parser.add_argument("--wandb", action="store_true", help="also attach the plots to the run's own W&B run (resumed by id)")
     args = parser.parse_args(argv)
-    print(write_report(args.run_dir))
+    path = write_report(args.run_dir)
+    print(path)
+    if args.wandb:
+        figures = {name: p for name in FIGURES if (p := path.parent / PLOTS_DIR / f"{name}.png").is_file()}
+        print(f"plots attached to W&B run {log_figures_to_run(path.parent, figures)}")
     return 0
 
 
