@@ -1,0 +1,185 @@
+"""Chat records -> SFT training rows: `input_ids` and `loss_mask`, one conversation per row.
+
+The rules, in the order they apply:
+- Records come from `data.chat.read_chat_jsonl` (its rule: bad lines are skipped and counted by
+  reason with their line numbers; a file where nothing survives is refused).
+- Split: a seeded shuffle of the good records puts `round(n * val_fraction)` of them (at least
+  one when there are two or more) in val, the rest in train. Same file + seed -> same split.
+- Encoding: `data.chat.encode_chat` renders the ChatML template and marks the assistant tokens
+  (every assistant turn, with its closing `<|im_end|>`); only those are trained.
+- Padding, not packing: each row holds ONE conversation, padded at the end with the pad id to
+  `seq_len + 1` tokens, loss_mask False on the padding. Attention is causal, so padding after a
+  conversation cannot influence it, and no token ever attends to another conversation: nothing
+  leaks across examples, with no attention mask needed in the model. The cost is compute on pad
+  tokens; chat records here are short, so it is small (the counts say how much).
+- Over-long conversations (more than `seq_len + 1` tokens), `overlong`:
+  `truncate` (default) keeps the first `seq_len + 1` tokens — system prompt and first turns, the
+  later turns cut; a conversation whose kept part trains no token is dropped;
+  `drop` drops every over-long conversation. Both are counted.
+- Row semantics follow the train loop's: loss_mask[i] True means token i is a prediction
+  target (the loss uses loss_mask[1:] against input_ids[1:]).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from raylm.errors import UserError
+
+
+@dataclass
+class SftDataConfig:
+    val_fraction: float = 0.05  # share of the chat records held out for the SFT val loss
+    split_seed: int = 0  # seed of the train/val shuffle; the same file and seed give the same split
+    overlong: Literal["truncate", "drop"] = "truncate"  # conversations longer than seq_len+1 tokens: cut the end, or drop
+    max_records: int | None = None  # use only the first N good records (quick runs); null = all
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"sft.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_records is not None and self.max_records < 1:
+            raise UserError(f"sft.max_records must be positive or null, got {self.max_records}")
+
+
+@dataclass
+class SftRows:
+    """Encoded rows of one split and what happened on the way."""
+
+    rows: list[dict[str, np.ndarray]]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, val) by a seeded shuffle; val gets round(n * val_fraction), at least 1 when n >= 2."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(records) * val_fraction)
+    if val_fraction > 0 and len(records) >= 2:
+        n_val = max(1, n_val)
+    val_idx = sorted(order[:n_val])
+    train_idx = sorted(order[n_val:])  # sorted: the file's order; the loop shuffles per epoch
+    return [records[i] for i in train_idx], [records[i] for i in val_idx]
+
+
+def pad_row(ids: list[int], mask: list[bool], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    input_ids = np.full(length, pad_id, dtype=np.int32)
+    loss_mask = np.zeros(length, dtype=bool)
+    input_ids[: len(ids)] = ids
+    loss_mask[: len(mask)] = mask
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def encode_rows(records: list, tokenizer, seq_len: int, pad_id: int, overlong: str = "truncate") -> SftRows:
+    """Conversations -> padded rows of seq_len + 1 tokens, by the module's rules, with counts."""
+    from data.chat import encode_chat
+
+    length = seq_len + 1
+    out = SftRows(rows=[], counts={"conversations": len(records), "rows": 0, "truncated": 0, "dropped_overlong": 0,
+                                  "dropped_no_target": 0, "tokens": 0, "target_tokens": 0, "pad_tokens": 0})
+    counts = out.counts
+    for messages in records:
+        ids, mask = encode_chat(tokenizer, messages)
+        if len(ids) > length:
+            if overlong == "drop":
+                counts["dropped_overlong"] += 1
+                continue
+            ids, mask = ids[:length], mask[:length]
+            counts["truncated"] += 1
+        targets = sum(mask[1:])  # position 0 is never predicted
+        if targets == 0:
+            counts["dropped_no_target"] += 1
+            continue
+        out.rows.append(pad_row(ids, mask, length, pad_id))
+        counts["rows"] += 1
+        counts["tokens"] += len(ids)
+        counts["target_tokens"] += targets
+        counts["pad_tokens"] += length - len(ids)
+    return out
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The base model dir's own tokenizer (tokenizers.Tokenizer) and the id that pads rows."""
+    from tokenizers import Tokenizer
+
+    from training.model_dir import special_token_ids
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"base model dir {str(model_dir)!r} has no tokenizer.json (fine-tuning uses the base model's tokenizer)")
+    tokenizer = Tokenizer.from_file(str(path))
+    for token in ("<|im_start|>", "<|im_end|>"):
+        if tokenizer.token_to_id(token) is None:
+            raise UserError(
+                f"{path}: no {token!r} token; raylm fine-tunes with the ChatML template, so the base "
+                "tokenizer needs <|im_start|> and <|im_end|> special tokens"
+            )
+    check_chat_template(model_dir, tokenizer)
+    ids = special_token_ids(model_dir)
+    # Pad positions are never attended to by real tokens and never trained, so any id works
+    # when the tokenizer has no pad token (many open models): use eos.
+    pad_id = ids["pad"] if ids["pad"] is not None else ids["eos"]
+    if pad_id is None:
+        raise UserError(f"{model_dir}: tokenizer_config.json names neither pad_token nor eos_token; one is needed to pad rows")
+    return tokenizer, pad_id
+
+
+def check_chat_template(model_dir: str | Path, tokenizer) -> None:
+    """Refuse a base whose chat template renders prompts differently from the ChatML we train on.
+
+    Serving renders the model dir's own `chat_template`; if that differed from encode_chat's
+    rendering, the fine-tuned model would be prompted at serve time in a format it never saw.
+    """
+    from data.chat import encode_chat
+    from serving.text import ChatTemplate, read_tokenizer_config
+
+    template = ChatTemplate(read_tokenizer_config(model_dir))
+    if template.source is None:
+        raise UserError(f"{model_dir}: tokenizer_config.json has no chat_template; fine-tuning needs the ChatML template the model will be served with")
+    probe = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    served = template.render(probe)  # ends with the generation prompt: `<|im_start|>assistant\n`
+    trained_ids, _ = encode_chat(tokenizer, probe + [{"role": "assistant", "content": "Hello."}])
+    trained = tokenizer.decode(trained_ids, skip_special_tokens=False)
+    if not trained.startswith(served):
+        raise UserError(
+            f"{model_dir}: its chat_template renders {served[:80]!r}, not the ChatML form raylm trains on "
+            f"({trained[:80]!r}); fine-tune only bases with a ChatML chat template"
+        )
+
+
+def build_sft_rows(chat_path: str | Path, model_dir: str | Path, seq_len: int, cfg: SftDataConfig) -> dict[str, Any]:
+    """Read, split and encode a chat JSONL file with the base model's tokenizer.
+
+    Returns {"train": SftRows, "val": SftRows, "stats": {...}} where stats records the file's
+    skipped lines by reason and the counts of each split (they go into the run report).
+    """
+    from data.chat import read_chat_jsonl
+
+    records, skipped = read_chat_jsonl(str(chat_path))
+    if cfg.max_records is not None:
+        records = records[: cfg.max_records]
+    tokenizer, pad_id = load_tokenizer(model_dir)
+    train_records, val_records = split_records(records, cfg.val_fraction, cfg.split_seed)
+    train = encode_rows(train_records, tokenizer, seq_len, pad_id, cfg.overlong)
+    val = encode_rows(val_records, tokenizer, seq_len, pad_id, cfg.overlong)
+    if not train.rows:
+        raise UserError(f"{chat_path}: no conversation fits seq_len={seq_len} with an assistant token to train ({train.counts})")
+    stats = {
+        "records": len(records),
+        "skipped_lines": {reason: len(lines) for reason, lines in skipped.items()},
+        "skipped_line_numbers": {reason: lines[:20] for reason, lines in skipped.items()},
+        "train": train.counts,
+        "val": val.counts,
+    }
+    return {"train": train, "val": val, "stats": stats}
+
+
+def to_ray_dataset(rows: SftRows):
+    """Rows -> a Ray Dataset in row order (the loop shuffles with its own seed)."""
+    import ray.data
+
+    return ray.data.from_items(rows.rows)
