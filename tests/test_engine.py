@@ -1,0 +1,152 @@
+"""The serving engine in-process (no Ray): greedy parity with transformers, continuous batching,
+cancellation, sampling controls, streaming detokenization and stop strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.engine import Engine, EngineConfig, InvalidRequest
+from serving.sampling import SamplingParams, apply_penalties, choose_token, filter_top_k_top_p, new_generator
+from serving.text import TextStream
+
+PROMPTS = ["def add(a, b):", "import os\nprint(", "The json module encodes", "class Point:\n    def"]
+
+
+@pytest.fixture(scope="module")
+def engine(debug_model_dir):
+    return Engine(debug_model_dir, EngineConfig(max_batch_size=8, threads=1))
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def test_greedy_equals_transformers_generate(engine, debug_model_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(debug_model_dir).eval()
+    prompts = [engine.encode_prompt(p) for p in PROMPTS]
+    ours = engine.generate(prompts, greedy(24))  # decoded together, prompts of different lengths
+    for ids, (_, out_ids, _) in zip(prompts, ours):
+        with torch.no_grad():
+            theirs = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+        assert out_ids == theirs
+
+
+def test_batched_outputs_equal_solo_outputs(engine):
+    prompts = [engine.encode_prompt(p) for p in PROMPTS]
+    together = engine.generate(prompts, greedy(20))
+    alone = [engine.generate([p], greedy(20))[0] for p in prompts]
+    assert together == alone
+
+
+def test_request_arriving_mid_generation_joins_the_running_batch(engine):
+    first_ids, late_ids = engine.encode_prompt(PROMPTS[0]), engine.encode_prompt(PROMPTS[1])
+    outputs = {"first": [], "late": []}
+    first = engine.submit(first_ids, greedy(30, ignore_eos=True), lambda out: outputs["first"].append(out))
+    for _ in range(5):
+        engine.step()
+    late = engine.submit(late_ids, greedy(10, ignore_eos=True), lambda out: outputs["late"].append(out))
+    engine.step()  # admits `late` while `first` is still running
+    assert {first.finish_reason, late.finish_reason} == {None}
+    engine.step()
+    assert engine.counters.batch_size_last == 2
+    while engine.has_work():
+        engine.step()
+    assert len(first.output_ids) == 30 and late.finish_reason == "length"
+    assert late.output_ids == engine.generate([late_ids], greedy(10, ignore_eos=True))[0][1]
+    assert outputs["late"][-1].completion_tokens == 10 and outputs["first"][-1].finish_reason == "length"
+
+
+def test_cancel_frees_the_slot_at_the_next_step(engine):
+    free_before, cancelled_before = len(engine.free_slots), engine.counters.requests_cancelled
+    seq = engine.submit(engine.encode_prompt(PROMPTS[2]), greedy(100), lambda out: None)
+    engine.step()
+    assert len(engine.free_slots) == free_before - 1
+    engine.cancel(seq)
+    engine.step()
+    assert len(engine.free_slots) == free_before and not engine.has_work()
+    assert engine.counters.requests_cancelled == cancelled_before + 1
+    assert engine.stats()["requests_running"] == 0
+
+
+def test_prompt_plus_max_tokens_beyond_context_is_refused_by_name(engine):
+    ids = engine.encode_prompt(PROMPTS[0])
+    with pytest.raises(InvalidRequest, match="context of 256 tokens") as err:
+        engine.submit(ids, greedy(256), lambda out: None)
+    assert err.value.param == "max_tokens"
+    with pytest.raises(InvalidRequest, match="outside the vocabulary") as err:
+        engine.encode_prompt([1, 10**6])
+    assert err.value.param == "prompt"
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(engine):
+    ids = engine.encode_prompt(PROMPTS[3])
+    sampled = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    a, b = engine.generate([ids, ids], sampled)  # same seed, batched together
+    assert a == b
+    other = engine.generate([ids], SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=8))[0]
+    assert other != a
+    top1 = engine.generate([ids], SamplingParams(max_tokens=20, temperature=1.3, top_k=1, seed=3))[0]
+    assert top1[1] == engine.generate([ids], greedy(20))[0][1]
+
+
+def test_stop_token_ids_and_ignore_eos(engine):
+    ids = engine.encode_prompt(PROMPTS[0])
+    [(_, out_ids, _)] = engine.generate([ids], greedy(12, ignore_eos=True))
+    stop_at = out_ids[5]
+    _, stopped_ids, reason = engine.generate([ids], greedy(12, ignore_eos=True, stop_token_ids=[stop_at]))[0]
+    assert reason == "stop" and stopped_ids == out_ids[: out_ids.index(stop_at) + 1]
+    model_stops = engine.stop_token_ids
+    engine.stop_token_ids = model_stops | {stop_at}  # as if the model had emitted its end token there
+    try:
+        assert engine.generate([ids], greedy(12))[0][2] == "stop"
+        assert engine.generate([ids], greedy(12, ignore_eos=True))[0][1] == out_ids
+    finally:
+        engine.stop_token_ids = model_stops
+
+
+def test_logprobs_are_reported_per_token(engine):
+    ids = engine.encode_prompt(PROMPTS[1])
+    outputs = []
+    seq = engine.submit(ids, greedy(5, logprobs=3), outputs.append)
+    while engine.has_work():
+        engine.step()
+    choices = [c for out in outputs for c in out.logprobs]
+    assert [c.token for c in choices] == seq.output_ids
+    for c in choices:
+        assert len(c.top) == 3 and c.top[0][0] == c.token and c.logprob == pytest.approx(c.top[0][1]) and c.logprob <= 0
+
+
+def test_stream_decodes_incrementally_and_cuts_at_stop_strings(engine):
+    text = "def add(a, b):\n    return a + b\n"
+    ids = engine.tokenizer.encode(text).ids
+    stream = TextStream(engine.tokenizer, [])
+    pieces = []
+    for token in ids:
+        stream.add(token)
+        pieces.append(stream.delta(final=False))
+    stream.finish()
+    pieces.append(stream.delta(final=True))
+    assert "".join(pieces) == text
+    stream = TextStream(engine.tokenizer, ["return", "zzz"])
+    pieces = []
+    for token in ids:
+        stream.add(token)
+        pieces.append(stream.delta(final=False))
+        if stream.stopped:
+            break
+    pieces.append(stream.delta(final=True))
+    assert stream.stopped and "".join(pieces) == "def add(a, b):\n    "
+
+
+def test_penalties_and_filters():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    params = SamplingParams(presence_penalty=1.0, frequency_penalty=0.5)
+    assert apply_penalties(logits, {0: 2}, params).tolist() == [1.0, 2.0, 1.0, 0.0]
+    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [False, False, True, True]
+    # softmax([3,2,1,0]) = [.64, .24, .09, .03]: top_p 0.7 keeps the first two
+    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.7)).tolist() == [False, False, True, True]
+    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.5)).tolist() == [False, True, True, True]
+    draws = {choose_token(logits, {}, SamplingParams(temperature=1.0, top_k=2), new_generator(s)).token for s in range(50)}
+    assert draws == {0, 1}
