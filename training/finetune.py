@@ -1,0 +1,213 @@
+"""`raylm finetune`: chat SFT of a Llama-format model dir on the one train loop.
+
+    raylm finetune --config training/configs/sft-tiny.yaml --base RUN/model --data chat.jsonl --out RUN_DIR [key=value ...]
+
+What differs from pretraining is only the dataset and the starting weights: the chat file becomes
+padded rows of `input_ids` + `loss_mask` (training/sft_data.py says the rules), the weights and the
+model config come from `--base` (any Hugging Face Llama-format dir: ours, or an open model on disk),
+and the tokenizer is the base's own. The loop, DeepSpeed, checkpoints, exact resume and W&B are
+pretraining's, through `training.pretrain.run_training(..., kind="finetune")`.
+
+Around the training run, on the driver: the held-out SFT loss of the base and of the result, and
+greedy answers of both to a few fixed prompts. They go to RUN_DIR/finetune.json and the run's
+report.md (with the data counts: skipped lines, truncated and dropped conversations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raylm.config import load_config
+from raylm.entry import run_main
+from raylm.errors import UserError
+from training.config import TrainConfig
+from training.sft_data import SftDataConfig, SftRows, build_sft_rows, to_ray_dataset
+
+DEFAULT_PROMPTS = [
+    "What does `json.dumps` do?",
+    "What does `os.path.join` do?",
+    "What is the `with` statement?",
+]
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    sft: SftDataConfig = field(default_factory=SftDataConfig)  # chat file -> rows: split, over-long rule
+    eval_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))  # answered by the base and the result, into the report
+    eval_max_tokens: int = 64  # longest greedy answer to each eval prompt
+    eval_batch: int = 8  # rows per forward when measuring the held-out loss on the driver
+    eval_max_rows: int = 256  # held-out rows the driver scores before and after (the driver may be CPU-only)
+
+
+def train_config(cfg: FinetuneConfig) -> TrainConfig:
+    """The TrainConfig part that the loop's workers rebuild (they know no fine-tuning keys)."""
+    return TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def finetune_settings(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The fine-tuning-only keys, for finetune.json and the report (run.json holds the rest)."""
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}
+    return {name: dataclasses.asdict(cfg)[name] for name in sorted(names)}
+
+
+# ---- evaluation on the driver ---------------------------------------------------------------------
+
+
+def eval_device():
+    import torch
+
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def heldout_loss(model_dir: str | Path, rows: list[dict], batch: int) -> float | None:
+    """Mean loss per trained token of a model dir over the val rows (None when there are none)."""
+    import numpy as np
+    import torch
+
+    from training.model import cross_entropy_loss
+    from training.model_dir import load_model_dir
+
+    if not rows:
+        return None
+    device, dtype = eval_device()
+    model, _ = load_model_dir(model_dir, device=device, dtype=dtype)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            ids = torch.from_numpy(np.stack([r["input_ids"] for r in chunk])).long().to(device)
+            mask = torch.from_numpy(np.stack([r["loss_mask"] for r in chunk])).to(device)
+            targets, target_mask = ids[:, 1:], mask[:, 1:]
+            n = int(target_mask.sum())
+            total += float(cross_entropy_loss(model(ids[:, :-1]), targets, target_mask)) * n
+            count += n
+    del model
+    return total / max(count, 1)
+
+
+def answers(model_dir: str | Path, prompts: list[str], max_tokens: int) -> list[str]:
+    from training.generate import generate_texts
+
+    if not prompts:
+        return []
+    return generate_texts(str(model_dir), prompts, max_tokens=max_tokens, temperature=0.0, chat=True)
+
+
+def evaluate(model_dir: str | Path, val: SftRows, cfg: FinetuneConfig) -> dict[str, Any]:
+    return {
+        "val_loss": heldout_loss(model_dir, val.rows[: cfg.eval_max_rows], cfg.eval_batch),
+        "answers": answers(model_dir, cfg.eval_prompts, cfg.eval_max_tokens),
+    }
+
+
+# ---- the command ------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def report_sections(before: dict, after: dict, stats: dict, settings: dict) -> dict[str, dict[str, Any]]:
+    def loss_and_ppl(value):
+        return (value, math.exp(min(value, 50.0))) if value is not None else (None, None)
+
+    (lb, pb), (la, pa) = loss_and_ppl(before["val_loss"]), loss_and_ppl(after["val_loss"])
+    evaluation = {"held-out SFT loss, base": lb, "held-out SFT loss, fine-tuned": la,
+                  "held-out perplexity, base": pb, "held-out perplexity, fine-tuned": pa}
+    data = {"records": stats["records"], **{f"skipped: {k}": v for k, v in stats["skipped_lines"].items()}}
+    for split in ("train", "val"):
+        data.update({f"{split} {k}": v for k, v in stats[split].items()})
+    return {"Fine-tuning evaluation (held-out chat records)": evaluation, "Chat data": data, "Fine-tuning settings": settings}
+
+
+def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str | None = None):
+    """Fine-tune `base` on the chat file `data` into the run dir `out`; returns run_training's result."""
+    from raylm.ray_utils import init_ray
+    from training.pretrain import run_training
+    from training.report import write_report
+
+    sft = build_sft_rows(data, base, cfg.data.seq_len, cfg.sft)
+    print(f"finetune: {sft['stats']['train']['rows']} train rows, {sft['stats']['val']['rows']} val rows "
+          f"({sft['stats']['train']['truncated']} truncated, {sum(sft['stats']['skipped_lines'].values())} bad lines skipped)")
+    before = evaluate(base, sft["val"], cfg)
+    init_ray(address)
+    result = run_training(
+        train_config(cfg),
+        train=to_ray_dataset(sft["train"]),
+        val=to_ray_dataset(sft["val"]) if sft["val"].rows else None,
+        tokenizer_dir=base,
+        out=out,
+        init_model_dir=base,
+        kind="finetune",
+        source={"base_model_dir": str(Path(base).resolve()), "chat_data": str(Path(data).resolve())},
+        write_run_report=False,  # written below, with the evaluation and the samples
+    )
+    after = evaluate(result.model_dir, sft["val"], cfg)
+    run_dir = Path(result.run_dir)
+    summary = {"base": str(base), "data": str(data), "before": before, "after": after,
+               "prompts": cfg.eval_prompts, "settings": finetune_settings(cfg), "data_stats": sft["stats"]}
+    write_json_atomic(run_dir / "finetune.json", summary)
+    samples = [{"prompt": p, "base": b, "fine-tuned": a} for p, b, a in zip(cfg.eval_prompts, before["answers"], after["answers"])]
+    write_report(run_dir, samples=samples, sections=report_sections(before, after, sft["stats"], summary["settings"]))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"finetune: held-out loss {fmt(before['val_loss'])} -> {fmt(after['val_loss'])}; "
+          f"model dir {result.model_dir}; report {run_dir / 'report.md'}")
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="raylm finetune", description="Chat SFT of a Llama-format model dir on the shared train loop.")
+    parser.add_argument("--config", required=True, help="a recipe YAML, e.g. training/configs/sft-tiny.yaml")
+    parser.add_argument("--base", required=True, help="the starting model dir (Hugging Face Llama format; its tokenizer is used)")
+    parser.add_argument("--data", required=True, help="chat records, JSONL ({'messages': [...]} or {'prompt', 'response'})")
+    parser.add_argument("--out", required=True, help="the run dir (checkpoints, metrics, report.md, model/)")
+    parser.add_argument("--num-workers", type=int, help="shortcut for scaling.num_workers=N")
+    parser.add_argument("--max-steps", type=int, help="shortcut for max_steps=N")
+    parser.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=1e-4")
+    return parser.parse_args(argv)
+
+
+def load_finetune_config(path: str, base: str, overrides: list[str]) -> FinetuneConfig:
+    """A recipe + overrides, with the `model` section taken from the base model dir's config.json.
+
+    The architecture is the base's, so a recipe that sets `model.*` would only mislead: refused.
+    """
+    from raylm.config import read_yaml
+    from training.config import recipe_path
+    from training.model_dir import read_model_config
+
+    tree = read_yaml(recipe_path(path))
+    model_keys = ["model"] * ("model" in tree) + [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
+    if model_keys:
+        raise UserError(f"config key {model_keys[0].split('=')[0]!r}: fine-tuning takes the model from --base's config.json; leave model.* out")
+    tree["model"] = dataclasses.asdict(read_model_config(base))  # refuses other architectures and RoPE kinds
+    return load_config(FinetuneConfig, None, overrides, base=tree)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.num_workers is not None:
+        overrides.append(f"scaling.num_workers={args.num_workers}")
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    cfg = load_finetune_config(args.config, args.base, overrides)
+    finetune(cfg, args.base, args.data, args.out, args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
