@@ -241,7 +241,10 @@ def hf_corpus(spec: str, text_field: str) -> Corpus:
     hf_dataset = load_hf_dataset(spec)
     if text_field not in hf_dataset.column_names:
         raise UserError(f"--source {spec!r}: no column {text_field!r} (columns: {', '.join(hf_dataset.column_names)}); choose it with --text-field")
-    table = hf_dataset.select_columns([text_field]).flatten_indices().data.table
+    hf_dataset = hf_dataset.select_columns([text_field])
+    if getattr(hf_dataset, "_indices", None) is not None:  # a select/shuffle view: materialize its order
+        hf_dataset = hf_dataset.flatten_indices()
+    table = hf_dataset.data.table
     table = table.append_column("row", pa.array(range(table.num_rows), type=pa.int64()))
     blocks = max(1, math.ceil(table.nbytes / BLOCK_BYTES))
     rows_per_block = max(1, math.ceil(table.num_rows / blocks))
