@@ -196,7 +196,7 @@ def final_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, (dict, list)):
         return f"`{json.dumps(value)}`"
     return str(value)
@@ -205,7 +205,7 @@ def format_value(value: Any) -> str:
 def table(pairs: dict[str, Any]) -> list[str]:
     if not pairs:
         return []
-    lines = ["| | |", "|:--|--:|"]
+    lines = ["| | |", "|:--|:--|"]
     lines += [f"| {key} | {format_value(value).replace('|', '/')} |" for key, value in pairs.items()]
     return lines + [""]
 
