@@ -198,7 +198,7 @@ def uri_corpus(uri: str, text_field: str) -> Corpus:
     if not infos:
         raise UserError(f"--source {uri!r}: holds no corpus file (expected {', '.join(CORPUS_EXTENSIONS)})")
     base = root.rstrip("/")
-    infos = hash_order(infos, key=lambda i: i.path[len(base) :] if i.path.startswith(base) else i.path)
+    infos = hash_order(infos, key=lambda i: i.path[len(base) :].lstrip("/") if i.path.startswith(base) else i.path)
     # file:// paths are already absolute local paths; object stores print with their scheme.
     prefix = "" if scheme == "file://" else scheme
     approx = sum(i.size or 0 for i in infos)

@@ -1,0 +1,290 @@
+"""`raylm prepare` end to end on a real local Ray cluster: every source kind, the dataset dir
+contract, packing accounting, train/val disjointness, determinism, atomicity and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from data.dataset_dir import read_dataset_manifest, shard_paths, tokenizer_dir
+from data.prepare import PrepareConfig, run_prepare
+from data.sources import hash_order, resolve_source, stdlib_files
+from raylm.errors import UserError
+
+STDLIB_SETTINGS = dict(max_docs=150, vocab_size=512, seq_len=64, val_fraction=0.2, shard_tokens=200_000, tokenizer_sample_bytes=1_000_000)
+
+
+@pytest.fixture(scope="session")
+def stdlib_dataset(ray_cluster, session_tmp):
+    """One small stdlib dataset dir shared by the data tests (and reused as a tokenizer)."""
+    out = session_tmp / "data-stdlib"
+    run_prepare(PrepareConfig(source="stdlib", out=str(out), **STDLIB_SETTINGS))
+    return out
+
+
+def prepare(out: Path, source, tokenizer_from: Path, **settings) -> dict:
+    """A quick run that reuses the shared dataset's tokenizer (no tokenizer training)."""
+    settings = {"seq_len": 16, "val_fraction": 0.0, **settings}
+    return run_prepare(PrepareConfig(source=str(source), out=str(out), tokenizer=tokenizer_dir(tokenizer_from), **settings))
+
+
+def split_rows(dataset: Path, split: str) -> np.ndarray:
+    tables = [pq.read_table(path) for path in shard_paths(dataset, split)]
+    return np.concatenate([np.stack(t.column("input_ids").to_numpy(zero_copy_only=False)) for t in tables])
+
+
+def documents_in(rows: np.ndarray, separator: int, tokenizer: Tokenizer) -> list[str]:
+    """Texts of the complete documents in a split's rows (the last piece is cut by the tail)."""
+    stream = rows.reshape(-1).tolist()
+    pieces, start = [], 0
+    for i, token in enumerate(stream):
+        if token == separator:
+            pieces.append(tokenizer.decode(stream[start:i], skip_special_tokens=False))
+            start = i + 1
+    return pieces
+
+
+def stdlib_texts() -> set[str]:
+    import pydoc_data.topics
+
+    root, files = stdlib_files()
+    texts = set(pydoc_data.topics.topics.values())
+    for path in files:
+        try:
+            texts.add(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    return texts
+
+
+def no_leftovers(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+# ---- the stdlib dataset ---------------------------------------------------------------------------
+
+
+def test_stdlib_dataset_fulfils_the_contract(stdlib_dataset):
+    from transformers import AutoTokenizer
+
+    manifest = read_dataset_manifest(stdlib_dataset, verify_checksums=True)
+    assert manifest["kind"] == "raylm.dataset" and manifest["format_version"] == 1
+    assert manifest["source"] == "stdlib" and manifest["seq_len"] == 64 and manifest["dtype"] == "uint16"
+    assert manifest["vocab_size"] == 512 and manifest["created_by"].startswith("raylm prepare ")
+    assert manifest["documents"]["read"] == 150
+    assert manifest["documents"]["kept"] + sum(manifest["documents"]["skipped"].values()) == 150
+    tokens = manifest["tokens"]
+    assert tokens["written"] + tokens["tail_dropped"] == tokens["produced"]
+    assert tokens["separators"] == manifest["documents"]["kept"]
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert len(train["shards"]) > 1 and val["sequences"] > 0
+    assert train["tokens"] + val["tokens"] == tokens["written"]
+
+    rows = split_rows(stdlib_dataset, "train")
+    assert rows.shape == (train["sequences"], 65) and rows.dtype == np.uint16
+    assert rows.max() < manifest["vocab_size"]
+
+    tok_dir = tokenizer_dir(stdlib_dataset)
+    fast = Tokenizer.from_file(f"{tok_dir}/tokenizer.json")
+    hf = AutoTokenizer.from_pretrained(tok_dir)
+    sample = "import json\nprint(json.dumps({'ß': [1, 2]}))  # ✓ 🤖"
+    assert hf(sample)["input_ids"] == fast.encode(sample).ids
+    assert manifest["special_tokens"] == {"endoftext": 0, "pad": 1, "im_start": 2, "im_end": 3}
+    assert hf.eos_token_id == manifest["special_tokens"]["endoftext"] and hf.pad_token_id == manifest["special_tokens"]["pad"]
+
+
+def test_training_can_read_the_shards_with_ray_data(stdlib_dataset):
+    import ray.data
+
+    manifest = read_dataset_manifest(stdlib_dataset)
+    dataset = ray.data.read_parquet(shard_paths(stdlib_dataset, "val"))
+    assert dataset.count() == manifest["splits"]["val"]["sequences"]
+    batch = dataset.take_batch(8, batch_format="numpy")
+    assert np.stack(batch["input_ids"]).shape == (8, 65)
+
+
+def test_rows_hold_whole_source_documents_and_splits_are_disjoint(stdlib_dataset):
+    manifest = read_dataset_manifest(stdlib_dataset)
+    tokenizer = Tokenizer.from_file(f"{tokenizer_dir(stdlib_dataset)}/tokenizer.json")
+    separator = manifest["special_tokens"]["endoftext"]
+    corpus = stdlib_texts()
+    docs = {}
+    for split in ("train", "val"):
+        docs[split] = documents_in(split_rows(stdlib_dataset, split), separator, tokenizer)
+        entry = manifest["splits"][split]
+        # Every complete piece between separators is a document of the corpus, decoded exactly.
+        assert docs[split] and all(doc in corpus for doc in docs[split])
+        assert entry["documents"] - entry["tail_tokens_dropped"] <= len(docs[split]) <= entry["documents"]
+    assert not set(docs["train"]) & set(docs["val"])
+
+
+def test_same_inputs_give_byte_identical_shards(stdlib_dataset, tmp_path):
+    again = run_prepare(PrepareConfig(source="stdlib", out=str(tmp_path / "again"), **STDLIB_SETTINGS))
+    first = read_dataset_manifest(stdlib_dataset)
+    assert again["tokenizer_sha256"] == first["tokenizer_sha256"]
+    assert again["splits"] == first["splits"]
+    for split in ("train", "val"):
+        for a, b in zip(shard_paths(stdlib_dataset, split), shard_paths(tmp_path / "again", split)):
+            assert Path(a).read_bytes() == Path(b).read_bytes()
+
+
+def test_existing_dataset_is_kept_unless_overwrite(stdlib_dataset, tmp_path, capsys):
+    out = tmp_path / "ds"
+    shutil.copytree(stdlib_dataset, out)
+    kept = run_prepare(PrepareConfig(source="stdlib", out=str(out), **STDLIB_SETTINGS))
+    assert kept == read_dataset_manifest(stdlib_dataset)
+    assert "kept the existing dataset" in capsys.readouterr().out
+    rebuilt = prepare(out, "stdlib", stdlib_dataset, max_docs=20, overwrite=True)
+    assert rebuilt["seq_len"] == 16 and read_dataset_manifest(out)["documents"]["read"] == 20
+    assert no_leftovers(tmp_path)
+
+    stranger = tmp_path / "not-a-dataset"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a complete dataset dir.*--overwrite"):
+        prepare(stranger, "stdlib", stdlib_dataset, max_docs=5)
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+# ---- source kinds ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("The first plain text document.\n")
+    (root / "b.md").write_text("# A markdown document\n\nWith two paragraphs.\n")
+    (root / "c.jsonl").write_text("".join(json.dumps({"body": f"jsonl record {i}", "id": i}) + "\n" for i in range(3)))
+    (root / "d.json").write_text(json.dumps([{"body": "json array record 0"}, {"body": "json array record 1"}]))
+    pq.write_table(pa.table({"body": ["parquet row 0", "parquet row 1"]}), root / "e.parquet")
+    (root / "sub" / "f.txt").write_text("A document in a subdirectory, ünïcödé 🤖.\n")
+    (root / "g.txt").write_bytes("caf\xe9 in Latin-1".encode("latin-1"))  # skipped: invalid_utf8
+    (root / "h.txt").write_text("   \n")  # skipped: empty
+    (root / "i.txt").write_text("The first plain text document.\n")  # skipped: duplicate of a.txt
+    (root / "ignored.bin").write_bytes(b"\x00\x01")  # not a corpus extension: not read
+    return root
+
+
+def test_local_directory_of_every_file_kind(stdlib_dataset, corpus_dir, tmp_path):
+    manifest = prepare(tmp_path / "out", corpus_dir, stdlib_dataset, text_field="body", seq_len=8)
+    assert manifest["documents"] == {"read": 13, "kept": 10, "skipped": {"duplicate": 1, "empty": 1, "invalid_utf8": 1}}
+    tokenizer = Tokenizer.from_file(f"{tokenizer_dir(tmp_path / 'out')}/tokenizer.json")
+    docs = documents_in(split_rows(tmp_path / "out", "train"), 0, tokenizer)
+    assert {"jsonl record 1", "json array record 1", "parquet row 0", "A document in a subdirectory, ünïcödé 🤖.\n"} <= set(docs)
+
+    no_dedup = prepare(tmp_path / "no-dedup", corpus_dir, stdlib_dataset, text_field="body", seq_len=8, dedup=False)
+    assert no_dedup["documents"]["kept"] == 11
+
+
+def test_glob_and_file_uri_sources(stdlib_dataset, corpus_dir, tmp_path):
+    by_glob = prepare(tmp_path / "glob", f"{corpus_dir}/**/*.txt", stdlib_dataset, seq_len=4)
+    assert by_glob["documents"]["read"] == 5 and by_glob["documents"]["kept"] == 2
+    # file:// goes through pyarrow's filesystem and Ray Data's reader, like s3:// and gs://.
+    by_path = prepare(tmp_path / "path", corpus_dir, stdlib_dataset, text_field="body", seq_len=8)
+    by_uri = prepare(tmp_path / "uri", f"file://{corpus_dir}", stdlib_dataset, text_field="body", seq_len=8)
+    assert by_uri["source"] == f"file://{corpus_dir}"
+    assert by_uri["splits"] == by_path["splits"]  # same order, same bytes
+
+
+def test_hf_sources_saved_to_disk_and_loaded_from_a_local_dir(stdlib_dataset, tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"body": [f"saved document number {i}" for i in range(12)], "n": list(range(12))}).save_to_disk(str(saved))
+    manifest = prepare(tmp_path / "out-saved", f"hf:{saved}", stdlib_dataset, text_field="body", seq_len=8)
+    assert manifest["documents"]["kept"] == 12 and manifest["source"] == f"hf:{saved}"
+
+    local = tmp_path / "hub-like"
+    (local / "data").mkdir(parents=True)
+    (local / "data" / "train.jsonl").write_text("".join(json.dumps({"text": f"train doc {i}"}) + "\n" for i in range(5)))
+    (local / "data" / "validation.jsonl").write_text("".join(json.dumps({"text": f"validation doc {i}"}) + "\n" for i in range(7)))
+    manifest = prepare(tmp_path / "out-hub", f"hf:{local}@validation", stdlib_dataset, seq_len=4)
+    assert manifest["documents"]["kept"] == 7
+
+    with pytest.raises(UserError, match="no column 'text'"):
+        prepare(tmp_path / "x", f"hf:{saved}", stdlib_dataset)
+    with pytest.raises(UserError, match="datasets could not load it"):
+        prepare(tmp_path / "x", f"hf:{local}@nope", stdlib_dataset)
+
+
+def test_object_store_uri_fails_clearly_without_the_bucket():
+    with pytest.raises(UserError, match="s3://raylm-no-such-bucket-7f3a/corpus/"):
+        resolve_source("s3://raylm-no-such-bucket-7f3a/corpus/", "text")
+
+
+# ---- bad input and atomicity ----------------------------------------------------------------------
+
+
+def last_in_corpus_order(root: Path, candidates: list[str]) -> str:
+    """The candidate name that the corpus order (hash of the relative path) puts last."""
+    existing = [p.name for p in root.iterdir()]
+    return next(name for name in candidates if hash_order(existing + [name], key=lambda n: n)[-1] == name)
+
+
+def test_failure_mid_write_leaves_no_complete_looking_dir(stdlib_dataset, tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(30):
+        (root / f"doc-{i:02d}.txt").write_text(f"document {i} " * 50)
+    bad = last_in_corpus_order(root, [f"late-{i}.jsonl" for i in range(100)])
+    (root / bad).write_text('{"text": "fine"}\n{"text": oops}\n')
+    out = tmp_path / "out"
+    # Tiny shards: many are written before the malformed line is reached.
+    with pytest.raises(UserError, match=rf"{bad}:2: malformed JSON line"):
+        prepare(out, root, stdlib_dataset, shard_tokens=64)
+    assert not out.exists() and no_leftovers(tmp_path)
+    with pytest.raises(UserError, match="manifest.json is missing"):
+        read_dataset_manifest(root)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("data.jsonl", b'{"txt": "wrong field"}\n', r"data.jsonl:1: no field 'text' \(fields: txt\); choose the field with --text-field"),
+        ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00", r"image.txt looks binary"),
+        ("huge.txt", b"word " * 2_100_000, r"huge.txt is a single document of 10.5 MB, over the 4.0 MB limit"),
+        ("blank.txt", b"\n\n", r"no document left after cleaning"),
+    ],
+)
+def test_bad_input_is_a_clear_error(stdlib_dataset, tmp_path, name, content, message):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / name).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        prepare(tmp_path / "out", root, stdlib_dataset)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+def test_bad_source_specs_are_refused_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing"), "text")
+    with pytest.raises(UserError, match="unknown scheme 'ftp://'"):
+        resolve_source("ftp://example.com/corpus", "text")
+    with pytest.raises(UserError, match="the glob matches no file"):
+        resolve_source(str(tmp_path / "*.txt"), "text")
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(UserError, match="holds no corpus file"):
+        resolve_source(str(tmp_path / "empty-dir"), "text")
+    with pytest.raises(UserError, match="val-fraction"):
+        PrepareConfig.validate(PrepareConfig(source="stdlib", out="x", val_fraction=1.5))
+
+
+def test_cli_prints_a_user_error_as_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "prepare", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"raylm prepare: error: --source {str(tmp_path / 'nope')!r} does not exist; expected stdlib, a file, a directory, a glob, hf:NAME or a URI"]
