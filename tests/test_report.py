@@ -117,3 +117,15 @@ def test_cli_attaches_the_plots_to_the_run_dirs_own_wandb_run(tmp_path, monkeypa
     folders = sorted((run_dir / "wandb").glob("offline-run-*-reporttest1*"))
     images = sorted(p.name.split("_")[0] for folder in folders for p in folder.rglob("media/images/report/*.png"))
     assert images == ["loss", "lr", "tokens"]
+
+
+def test_default_samples_are_continuations_by_the_runs_model(tmp_path, tokenizer_dir):
+    from tiny_artifacts import make_model_dir
+
+    from training.report import DEFAULT_PROMPTS
+
+    run_dir = write_run_dir(tmp_path / "run")
+    make_model_dir(run_dir / "model", tokenizer_dir)
+    text = write_report(run_dir).read_text()
+    assert "## Sample generations" in text and text.count("**completion**") == len(DEFAULT_PROMPTS)
+    assert "def read_lines(path):" in text

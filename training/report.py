@@ -8,6 +8,8 @@ run without Ray or a model:
 Outputs:
     RUN_DIR/plots/{loss,lr,tokens_per_s}.png   made with matplotlib's Agg canvas (no display)
     RUN_DIR/report.md                          final figures, evaluation, plots, samples, config
+Sample generations are the caller's (fine-tuning: answers before and after) or, by default,
+greedy continuations of a few fixed prompts by RUN_DIR/model.
 
 A figure whose metric was never logged is left out rather than drawn empty. The same figures go
 to W&B as images (`report/loss`, ...) when a W&B run is active in the calling process; the
@@ -36,6 +38,11 @@ from raylm.entry import run_main
 from raylm.errors import UserError
 
 PLOTS_DIR = "plots"
+# Continued by the run's model when the caller gives no samples (pretraining: the stdlib corpus).
+DEFAULT_PROMPTS = ["import os\n", "def read_lines(path):\n", "class Stack:\n    \"\"\""]
+SAMPLE_MAX_TOKENS = 48
+# A CPU-only driver skips default samples of bigger models: loading them there would take minutes.
+SAMPLE_MAX_PARAMS_ON_CPU = 500_000_000
 
 # name -> (title, y label, [(metric key, legend label)])
 FIGURES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
@@ -165,6 +172,28 @@ def log_figures_to_run(run_dir: Path, figures: dict[str, Path]) -> str:
     return run_id
 
 
+# ---- samples ---------------------------------------------------------------------------------------
+
+
+def default_samples(run_dir: Path) -> list[dict[str, str]]:
+    """Greedy continuations of DEFAULT_PROMPTS by RUN_DIR/model; [] when there is no model to ask."""
+    import torch
+
+    from training.generate import generate_texts
+    from training.model import count_params
+    from training.model_dir import read_model_config
+
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        return []
+    params = count_params(read_model_config(model_dir))
+    if params > SAMPLE_MAX_PARAMS_ON_CPU and not torch.cuda.is_available():
+        print(f"report: no sample generations ({params / 1e9:.1f}B parameters on a CPU-only driver); try `raylm generate --model {model_dir}`")
+        return []
+    texts = generate_texts(str(model_dir), DEFAULT_PROMPTS, max_tokens=SAMPLE_MAX_TOKENS, temperature=0.0)
+    return [{"prompt": prompt, "completion": text} for prompt, text in zip(DEFAULT_PROMPTS, texts)]
+
+
 # ---- figures and markdown -------------------------------------------------------------------------
 
 
@@ -276,7 +305,8 @@ def write_report(
 ) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png from the run dir's metrics and run.json.
 
-    `samples`: generations to show, each a dict with a `prompt` and named outputs.
+    `samples`: generations to show, each a dict with a `prompt` and named outputs; None = greedy
+    continuations of DEFAULT_PROMPTS by RUN_DIR/model when it exists.
     `sections`: extra tables, {title: {name: value}} (fine-tuning: held-out loss before/after, data counts).
     Returns the report's path. Safe to call again: it replaces the previous report.
     """
@@ -285,6 +315,8 @@ def write_report(
         raise UserError(f"run dir {str(run_dir)!r} does not exist")
     rows = read_metrics(run_dir / "metrics.jsonl")
     info = read_run_info(run_dir / "run.json")
+    if samples is None:
+        samples = default_samples(run_dir)
     figures = plot_all(rows, run_dir / PLOTS_DIR)
     log_figures_to_wandb(figures)
     path = run_dir / "report.md"
