@@ -114,27 +114,18 @@ def rank_micro_batches(batch: dict[str, np.ndarray], rank: int, micro_batch: int
     return micro
 
 
-def val_micro_batches(shard, cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
-    """The fixed eval set: the val split's first rows, an equal contiguous share per rank."""
-    wanted = cfg.eval.batches * cfg.data.micro_batch * world
-    rows: list[dict[str, np.ndarray]] = []
-    have = 0
-    for batch in shard.iter_batches(batch_size=min(wanted, 1024), batch_format="numpy"):
-        rows.append(as_columns(batch))
-        have += len(rows[-1]["input_ids"])
-        if have >= wanted:
-            break
-    if not rows:
+def eval_micro_batches(eval_rows: dict[str, np.ndarray] | None, micro_batch: int, rank: int, world: int, device) -> list[dict]:
+    """This rank's equal, contiguous share of the fixed eval set, in micro-batches of model inputs."""
+    if not eval_rows:
         return []
-    columns = {name: np.concatenate([r[name] for r in rows])[:wanted] for name in rows[0]}
-    per_rank = len(columns["input_ids"]) // world
-    mine = {name: array[rank * per_rank : (rank + 1) * per_rank] for name, array in columns.items()}
+    per_rank = len(eval_rows["input_ids"]) // world
+    mine = {name: array[rank * per_rank : (rank + 1) * per_rank] for name, array in eval_rows.items()}
     micro = []
-    for lo in range(0, per_rank, cfg.data.micro_batch):
-        ids = torch.from_numpy(mine["input_ids"][lo : lo + cfg.data.micro_batch]).to(device)
+    for lo in range(0, per_rank, micro_batch):
+        ids = torch.from_numpy(mine["input_ids"][lo : lo + micro_batch]).to(device)
         inputs = {"tokens": ids[:, :-1], "targets": ids[:, 1:]}
         if "loss_mask" in mine:
-            inputs["loss_mask"] = torch.from_numpy(mine["loss_mask"][lo : lo + cfg.data.micro_batch, 1:]).to(device)
+            inputs["loss_mask"] = torch.from_numpy(mine["loss_mask"][lo : lo + micro_batch, 1:]).to(device)
         micro.append(inputs)
     return micro
 
@@ -302,8 +293,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker.start(resumed_step=step, wandb_id=wandb_id, config=loop_config["config"] | {"kind": loop_config["kind"]}, run_name=run_dir.name)
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
-    val_batches = val_micro_batches(val_shard, cfg, rank, world, device) if val_shard is not None and cfg.eval.batches else []
+    val_batches = eval_micro_batches(loop_config["eval_rows"], cfg.data.micro_batch, rank, world, device)
     seq_len = cfg.data.seq_len
     flops_token = flops_per_token(model_cfg, seq_len)
     peak = peak_flops(device.type, cfg.logging.peak_tflops_per_worker)

@@ -27,11 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raylm.config import to_dict
 from raylm.entry import run_main
 from raylm.errors import UserError
 from training.config import TrainConfig, global_batch, load_train_config
 from training.deepspeed_config import resolve_precision
+from training.loop import as_columns
 from training.tracking import METRICS_FILE
 
 RUN_INFO_FILE = "run.json"
@@ -90,6 +93,14 @@ def check_rows(name: str, count: int, needed: int, what: str) -> None:
         raise UserError(f"{name} split has {count} rows; {what} needs at least {needed}")
 
 
+def fixed_eval_rows(val, rows: int) -> dict[str, np.ndarray] | None:
+    """The eval set: the val split's first `rows` rows, read once here and shipped to the workers."""
+    if rows <= 0:
+        return None
+    batch = val.limit(rows).take_batch(rows, batch_format="numpy")
+    return as_columns(batch) if len(batch["input_ids"]) else None
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -123,22 +134,24 @@ def run_training(
     use_gpu = resolve_use_gpu(cfg.scaling.use_gpu)
     resolve_precision(cfg.deepspeed.precision, use_gpu)
     world = cfg.scaling.num_workers
-    check_rows("the train", train.count(), global_batch(cfg, world), f"a global batch of {world} workers")
-    has_val = val is not None and cfg.eval.batches > 0
-    if has_val:
-        check_rows("the val", val.count(), world, f"evaluation on {world} workers (or set eval.batches=0)")
+    train_rows = train.count()
+    check_rows("the train", train_rows, global_batch(cfg, world), f"a global batch of {world} workers")
+    if train_rows * (cfg.data.seq_len + 1) * 8 <= cfg.data.materialize_max_mb * 2**20:
+        train = train.materialize()  # read once here, not once per worker and epoch
+    eval_rows = fixed_eval_rows(val, cfg.eval.batches * cfg.data.micro_batch * world) if val is not None else None
+    if eval_rows is not None:
+        check_rows("the val", len(eval_rows["input_ids"]), world, f"evaluation on {world} workers (or set eval.batches=0)")
 
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    datasets = {"train": train, **({"val": val} if has_val else {})}
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
             "init_model_dir": str(Path(init_model_dir).resolve()) if init_model_dir else None,
-            "use_gpu": use_gpu, "kind": kind, "has_val": has_val,
+            "use_gpu": use_gpu, "kind": kind, "eval_rows": eval_rows,
         },
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -147,8 +160,8 @@ def run_training(
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
-        datasets=datasets,
-        # Every worker reads whole splits in file order; the loop derives its share (see loop.py).
+        datasets={"train": train},
+        # Every worker reads the whole split in file order; the loop derives its share (see loop.py).
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     started = time.time()
