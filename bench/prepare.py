@@ -1,0 +1,134 @@
+"""Benchmark of the data stage on the `stdlib` corpus: `raylm prepare` against two baselines.
+
+    python bench/prepare.py [--seq-len 256] [--vocab-size 8192]
+
+In one run, on the same documents with the same tokenizer:
+  pipeline  the whole `raylm prepare` (list, read, clean, dedup, encode, pack, write Parquet,
+            manifest) on a running Ray cluster, reusing the tokenizer so that all three do the
+            same work; tokens/s = tokens produced / wall seconds of the run;
+  (a) raw   `Tokenizer.encode_batch` on ~4 KB chunks of the documents already in memory, in this
+            one process (its Rust threads use every core): the practical limit of these cores;
+  (b) hf    `datasets.Dataset.map(batched=True, num_proc=2)` as Hugging Face's run_clm recipe
+            does it: encode whole documents (+ separator), pack with a second batched map into
+            rows of seq_len + 1, write Parquet.
+Targets (issue 2): pipeline >= 0.8x (a) and >= 1.3x (b). Tokenizer training and Ray start-up are
+timed and printed separately, not counted in the pipeline's figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.encode import chunk_text  # noqa: E402
+from data.prepare import PrepareConfig, run_prepare  # noqa: E402
+from data.sources import stdlib_corpus  # noqa: E402
+
+
+def stdlib_documents() -> list[str]:
+    """The stdlib corpus's kept documents, as the pipeline cleans them (UTF-8, non-empty, unique)."""
+    import pydoc_data.topics
+
+    from data.sources import stdlib_files
+
+    _, files = stdlib_files()
+    texts = list(pydoc_data.topics.topics.values())
+    for path in files:
+        try:
+            texts.append(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    unique = list(dict.fromkeys(t for t in texts if t.strip()))
+    return unique
+
+
+def raw_encode_tokens_per_s(tokenizer, texts: list[str]) -> tuple[float, int, float]:
+    chunks = [chunk for text in texts for chunk in chunk_text(text, 4096)]
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    start = time.perf_counter()
+    encodings = encode(chunks, add_special_tokens=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(e.ids) for e in encodings) + len(texts)  # + one separator per document, as packed
+    return tokens / seconds, tokens, seconds
+
+
+def hf_datasets_tokens_per_s(tokenizer_file: str, texts: list[str], seq_len: int, out: Path) -> tuple[float, int, float]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    row = seq_len + 1
+
+    def encode(batch):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(tokenizer_file)
+        separator = tokenizer.token_to_id("<|endoftext|>")
+        return {"ids": [e.ids + [separator] for e in tokenizer.encode_batch(batch["text"], add_special_tokens=False)]}
+
+    def pack(batch):
+        stream = [token for ids in batch["ids"] for token in ids]
+        usable = len(stream) - len(stream) % row
+        return {"input_ids": [stream[i : i + row] for i in range(0, usable, row)]}
+
+    start = time.perf_counter()
+    dataset = datasets.Dataset.from_dict({"text": texts})
+    encoded = dataset.map(encode, batched=True, num_proc=2, remove_columns=["text"])
+    tokens = sum(len(ids) for ids in encoded["ids"])
+    packed = encoded.map(pack, batched=True, batch_size=1000, num_proc=2, remove_columns=["ids"])
+    packed.to_parquet(str(out / "hf.parquet"))
+    seconds = time.perf_counter() - start
+    return tokens / seconds, tokens, seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    args = parser.parse_args()
+
+    from raylm.ray_utils import init_ray
+
+    with tempfile.TemporaryDirectory(prefix="raylm-bench-prepare-") as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        init_ray()
+        ray_start = time.perf_counter() - start
+
+        # A first full run trains the tokenizer (and warms Ray's workers up).
+        start = time.perf_counter()
+        first = run_prepare(PrepareConfig(source="stdlib", out=str(tmp / "first"), seq_len=args.seq_len, vocab_size=args.vocab_size))
+        first_seconds = time.perf_counter() - start
+        tokenizer_dir = tmp / "first" / "tokenizer"
+
+        start = time.perf_counter()
+        manifest = run_prepare(PrepareConfig(source="stdlib", out=str(tmp / "timed"), seq_len=args.seq_len, tokenizer=str(tokenizer_dir)))
+        pipeline_seconds = time.perf_counter() - start
+        pipeline_tokens = manifest["tokens"]["produced"]
+        pipeline = pipeline_tokens / pipeline_seconds
+
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        texts = stdlib_documents()
+        raw, raw_tokens, raw_seconds = raw_encode_tokens_per_s(tokenizer, texts)
+        hf, hf_tokens, hf_seconds = hf_datasets_tokens_per_s(str(tokenizer_dir / "tokenizer.json"), texts, args.seq_len, tmp)
+
+    corpus_mb = stdlib_corpus().approx_bytes / 1e6
+    print()
+    print(f"corpus: stdlib, {corpus_mb:.1f} MB, {manifest['documents']['kept']} documents kept; seq_len {args.seq_len}, vocab {manifest['vocab_size']}; {os.cpu_count()} CPUs")
+    print(f"Ray start-up {ray_start:.1f} s; first full run (tokenizer training included) {first_seconds:.1f} s, {first['tokens']['produced'] / first_seconds:,.0f} tokens/s")
+    print(f"pipeline  raylm prepare (tokenizer reused)      {pipeline:>12,.0f} tokens/s  ({pipeline_tokens:,} tokens in {pipeline_seconds:.1f} s)")
+    print(f"(a) raw   encode_batch on 4 KB chunks, 1 proc   {raw:>12,.0f} tokens/s  ({raw_tokens:,} tokens in {raw_seconds:.1f} s)")
+    print(f"(b) hf    datasets.map(batched, num_proc=2)     {hf:>12,.0f} tokens/s  ({hf_tokens:,} tokens in {hf_seconds:.1f} s)")
+    print(f"ratios: pipeline / (a) = {pipeline / raw:.2f}x (target >= 0.8x); pipeline / (b) = {pipeline / hf:.2f}x (target >= 1.3x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
