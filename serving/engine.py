@@ -136,6 +136,10 @@ def read_stop_token_ids(model_dir: Path) -> set[int]:
     return ids
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    return params.temperature == 0.0 and params.logprobs is None and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+
+
 def percentile(values, q: float) -> float | None:
     if not values:
         return None
@@ -294,9 +298,13 @@ class Engine:
         return self.model(tokens.to(self.device), positions=positions, cache=self.cache)
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(-1).tolist()  # one batched argmax serves every plain greedy request
         logits = logits.float().cpu()
         for row, seq in enumerate(seqs):
-            choice = choose_token(logits[row], seq.counts, seq.params, seq.generator)
+            if is_plain_greedy(seq.params):
+                choice = TokenChoice(greedy[row])
+            else:
+                choice = choose_token(logits[row], seq.counts, seq.params, seq.generator)
             self.append_token(seq, choice)
 
     def append_token(self, seq: Sequence, choice: TokenChoice) -> None:
