@@ -37,8 +37,10 @@ WORKING_DIR_EXCLUDES: list[str] = [
 ]
 
 # Variables a stage reads when they are set on the submitting machine: tracking, model hub and
-# object-storage credentials, and the settings that choose the device and the trainer.
+# object-storage credentials, the serving API key, and the settings that choose the device and
+# the trainer.
 PASSED_THROUGH_ENV: list[str] = [
+    "RAYLM_API_KEY",
     "WANDB_API_KEY",
     "WANDB_MODE",
     "WANDB_PROJECT",

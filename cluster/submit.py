@@ -29,6 +29,8 @@ from raylm.errors import UserError
 NOT_SUBMITTABLE = {"submit", "jobs"}
 POLL_SECONDS = 1.0
 SERVE_START_TIMEOUT_S = 600.0
+SERVE_STOP_WAIT_S = 60
+AGENT_WAIT_S = 60.0  # how long a freshly started head may take to accept jobs
 
 
 def submittable_stages() -> dict[str, str]:
@@ -44,6 +46,12 @@ def build_entrypoint(stage: str, stage_args: list[str]) -> str:
     if stage not in stages:
         raise UserError(f"unknown stage {stage!r} to submit; expected one of: {', '.join(stages)}")
     return shlex.join(["python", "-m", stages[stage], *stage_args])
+
+
+def stage_env(stage: str) -> dict[str, str]:
+    """Env vars a stage needs as a job: `raylm jobs stop` gives a server time to shut Serve down
+    (Ray's job supervisor SIGKILLs 3 s after SIGTERM by default, which would leave the app up)."""
+    return {"RAY_JOB_STOP_WAIT_TIME_S": str(SERVE_STOP_WAIT_S)} if stage == "serve" else {}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,22 +143,30 @@ def wait_for_serving(client, url: str, job_id: str) -> int:
 
 
 def submit(client, job_id: str, entrypoint: str, runtime_env: dict, stage: str) -> None:
-    try:
-        client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=job_id,
-            runtime_env=runtime_env,
-            metadata={"raylm_stage": stage},
-        )
-    except ValueError as err:
-        # Ray refuses a working_dir over its upload limit; its message names the limit.
-        raise UserError(f"could not ship {runtime_env['working_dir']} as the job's working_dir: {err}") from None
+    """Submit the job; a head that has just started may not have its job agent yet, so wait for it."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=job_id,
+                runtime_env=runtime_env,
+                metadata={"raylm_stage": stage},
+            )
+            return
+        except ValueError as err:
+            # Ray refuses a working_dir over its upload limit; its message names the limit.
+            raise UserError(f"could not ship {runtime_env['working_dir']} as the job's working_dir: {err}") from None
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(POLL_SECONDS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     entrypoint = build_entrypoint(args.stage, args.stage_args)
-    runtime_env = build_runtime_env(parse_env_assignments(args.env))
+    runtime_env = build_runtime_env({**stage_env(args.stage), **parse_env_assignments(args.env)})
     url = resolve_address(args.address)
     client = connect(url)
     job_id = args.job_id or f"raylm-{args.stage}-{uuid.uuid4().hex[:8]}"
