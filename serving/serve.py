@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from raylm.ray_utils import init_ray
+    from training.model_dir import read_model_config
+
+    # Fail on a bad model dir or config before paying for a Ray cluster.
+    read_model_config(args.model)
+    read_serve_config(args.config or DEFAULT_CONFIG)
 
     started_ray = not ray.is_initialized() and not (args.address or os.environ.get("RAY_ADDRESS"))
     init_ray(args.address)
