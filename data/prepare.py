@@ -215,13 +215,13 @@ def check_splits(cfg: PrepareConfig, documents: dict, splits: dict) -> None:
             )
 
 
-def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer_info: dict, dtype: str, documents: dict, splits: dict, seconds: float) -> dict:
-    produced = sum(w["documents_tokens"] for w in splits.values())
-    written = sum(s["tokens"] for s in splits.values())
-    tail = sum(s["tail_tokens_dropped"] for s in splits.values())
+def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer_info: dict, documents: dict, writers: dict[str, ShardWriter], seconds: float) -> dict:
+    splits = {split: writer.close() for split, writer in writers.items()}
+    check_splits(cfg, documents, splits)
+    produced = sum(writer.tokens_in for writer in writers.values())
+    written = sum(entry["tokens"] for entry in splits.values())
+    tail = sum(entry["tail_tokens_dropped"] for entry in splits.values())
     assert written + tail == produced, "packing lost tokens"
-    for entry in splits.values():
-        del entry["documents_tokens"]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("source", "out", "overwrite", "address")}
     return {
         "kind": KIND,
@@ -229,7 +229,7 @@ def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer
         "source": corpus.description,
         "seq_len": cfg.seq_len,
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "dtype": dtype,
+        "dtype": writers["train"].dtype.name,
         "tokenizer_sha256": tokenizer_sha,
         "tokenizer": tokenizer_info,
         "special_tokens": special_token_ids(tokenizer),
@@ -258,12 +258,7 @@ def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float)
     rows_per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))
     writers = {split: ShardWriter(tmp, split, cfg.seq_len, dtype, rows_per_shard) for split in ("train", "val")}
     doc_counts = pack_documents(encoded, writers, cfg, None if cfg.max_docs else corpus.approx_bytes)
-    splits = {}
-    for split, writer in writers.items():
-        splits[split] = writer.close()
-        splits[split]["documents_tokens"] = writer.tokens_in
-    check_splits(cfg, doc_counts, splits)
-    manifest = build_manifest(cfg, corpus, tokenizer, tokenizer_sha, tokenizer_info, dtype, doc_counts, splits, time.perf_counter() - started)
+    manifest = build_manifest(cfg, corpus, tokenizer, tokenizer_sha, tokenizer_info, doc_counts, writers, time.perf_counter() - started)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
