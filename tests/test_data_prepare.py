@@ -155,6 +155,45 @@ def test_existing_dataset_is_kept_unless_overwrite(stdlib_dataset, tmp_path, cap
     assert (stranger / "notes.txt").read_text() == "mine"
 
 
+def corrupt_copy(dataset: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(dataset, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest, copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m, d: m.update(kind="something.else"), r"field 'kind' is 'something.else'; expected 'raylm.dataset'"),
+        (lambda m, d: m.update(format_version=7), r"field 'format_version' is 7; this raylm reads version 1"),
+        (lambda m, d: m.pop("seq_len"), r"field 'seq_len' is missing"),
+        (lambda m, d: m.update(dtype="float32"), r"field 'dtype' must be 'uint16' or 'uint32'"),
+        (lambda m, d: m["special_tokens"].pop("pad"), r"field 'special_tokens.pad' must be a token id"),
+        (lambda m, d: (d / m["splits"]["train"]["shards"][1]["path"]).unlink(), r"field 'splits.train.shards\[1\].path' names .* which does not exist"),
+        (lambda m, d: m["splits"]["val"].update(sequences=1), r"field 'splits.val.sequences' is 1 but the shards hold"),
+        (lambda m, d: m["splits"]["train"]["shards"][0].update(sha256="0" * 64), r"field 'splits.train.shards\[0\].sha256' does not match"),
+    ],
+)
+def test_manifest_validation_names_the_file_and_field(stdlib_dataset, tmp_path, edit, message):
+    broken = corrupt_copy(stdlib_dataset, tmp_path, edit)
+    with pytest.raises(UserError, match=rf"manifest.json: {message}"):
+        read_dataset_manifest(broken, verify_checksums=True)
+
+
+def test_manifest_reader_refuses_incomplete_dirs(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_dataset_manifest(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(UserError, match="manifest.json is missing"):
+        shard_paths(tmp_path / "half", "train")
+    (tmp_path / "half" / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        read_dataset_manifest(tmp_path / "half")
+
+
 # ---- source kinds ---------------------------------------------------------------------------------
 
 
