@@ -8,6 +8,7 @@ sends the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Iterator
 
@@ -54,10 +55,27 @@ def auth_refused_message(address: str, detail: str) -> str:
     )
 
 
+# Ray's client logs each packaging step at INFO, and warns on every submit that .git/.venv are
+# excluded (ours are anyway); a size warning near the upload limit is still shown.
+QUIETER_LOGGERS = {
+    "ray._private.runtime_env.packaging": logging.WARNING,
+    "ray._private.runtime_env.working_dir": logging.ERROR,
+    "ray.dashboard.modules.dashboard_sdk": logging.WARNING,
+    "ray.dashboard.modules.job.sdk": logging.WARNING,
+}
+
+
+def quiet_client_logs() -> None:
+    for name, level in QUIETER_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def connect(address: str | None = None):
     """A `JobSubmissionClient` for the cluster, or a UserError that says why there is none."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
+
+    quiet_client_logs()
 
     url = resolve_address(address)
     try:

@@ -104,7 +104,7 @@ def report_outcome(info, job_id: str) -> int:
         print(f"raylm submit: job {job_id} SUCCEEDED")
         return 0
     # Ray's message repeats the log tail that was just printed; its first line is the reason.
-    reason = (info.message or "no reason given").strip().splitlines()[0]
+    reason = (info.message or "no reason given").strip().splitlines()[0].split(", last available logs")[0]
     print(f"raylm submit: job {job_id} {status}: {reason}", file=sys.stderr)
     return 1
 
