@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="raylm submit",
         description="Run a raylm stage as a Ray job on a cluster.",
-        epilog="example: raylm submit -- pretrain --config training/configs/debug.yaml "
-        "--data s3://bucket/ds --out s3://bucket/runs/r1",
+        epilog="example: raylm submit -- pretrain --config tiny --data /mnt/raylm/datasets/stdlib "
+        "--out /mnt/raylm/runs/tiny (paths on a filesystem every node mounts; see docs/cluster.md)",
     )
     parser.add_argument("--address", help="job server URL (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
     parser.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
