@@ -109,6 +109,7 @@ class CheckpointSection:
 class EvalConfig:
     every: int = 200  # evaluate on the val split every N steps (and at the end); 0 = only at the end
     batches: int = 8  # micro-batches per worker in each evaluation
+    at_start: bool = False  # also evaluate the initial weights (logged as step 0)
 
     def validate(self) -> None:
         if self.every < 0 or self.batches < 0:
@@ -164,10 +165,13 @@ class TrainConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)  # fault injection for resume tests
     seed: int = 0  # seeds the weight init and every rank's RNGs
     max_steps: int = 1000  # optimizer steps to train
+    max_time_s: float = 0.0  # also stop (evaluate, checkpoint, export) after this many seconds of training; 0 = no limit
 
     def validate(self) -> None:
         if self.max_steps <= 0:
             raise UserError(f"max_steps must be positive, got {self.max_steps}")
+        if self.max_time_s < 0:
+            raise UserError(f"max_time_s must be >= 0, got {self.max_time_s}")
         if self.data.seq_len > self.model.max_seq_len:
             raise UserError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         grad_accum(self, self.scaling.num_workers)  # a global batch the workers cannot split is an error now

@@ -13,7 +13,8 @@ permutes it window by window with a seeded RNG, and the global batch of step s i
 `global_batch` rows of that stream; worker r takes its contiguous slice of the global batch.
 Resuming skips the rows already consumed. This trades reading the split once per worker for
 exactness: identical batches on a restart, a re-run, or at another worker count with the same
-global batch, and equal step counts on every rank by construction.
+global batch, and equal step counts on every rank by construction. (The driver materializes small
+splits in Ray's object store, so "reading" is then a memory copy.)
 
 The learning rate is a pure function of the step, so resuming the step resumes the schedule.
 """
@@ -33,7 +34,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from raylm.config import from_dict, to_dict
+from raylm.config import from_dict
 from training.config import TrainConfig, global_batch, grad_accum, schedule_total_steps
 from training.model import ModelConfig, Transformer, flops_per_token
 from training.tracking import Tracker, new_wandb_id, perplexity
@@ -218,6 +219,11 @@ def maybe_inject_fault(cfg: TrainConfig, rank: int, step: int, run_dir: Path) ->
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("injected\n")
+    # Ray Train's controller learns of reported checkpoints by polling the workers (every
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a checkpoint reported moments before a
+    # crash can be lost with the worker group, and the restart then resumes from the one before.
+    # Wait out a few polls so the test exercises a resume from the latest checkpoint.
+    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
     print(f"[raylm] fault injection: rank {rank} exits at step {step}", flush=True)
     os._exit(1)
 
@@ -318,6 +324,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=f"checkpoint_step{step:08d}")
         shutil.rmtree(folder, ignore_errors=True)
 
+    if step == 0 and cfg.eval.at_start:
+        val_loss = evaluate(engine, val_batches, device)
+        if val_loss is not None:
+            tracker.log({"step": 0, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "elapsed_s": 0.0})
     last_checkpoint_step = step
     window_tokens, window_time = 0, 0.0
     last_row: dict = {}
@@ -345,11 +355,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tokens_seen += batch_rows * seq_len
             window_tokens += batch_rows * seq_len
             stepped_this_epoch = True
-            (loss_mean,) = all_reduce_mean([loss_sum / accum], device)
+            # One all-reduce carries the loss and rank 0's time-limit verdict, so all ranks stop together.
+            out_of_time = rank == 0 and cfg.max_time_s > 0 and train_state()["elapsed_s"] >= cfg.max_time_s
+            loss_mean, stop_vote = all_reduce_mean([loss_sum / accum, float(out_of_time)], device)
             ds_norm = engine.get_global_grad_norm()
             norm = float(ds_norm) if ds_norm is not None else norm
 
-            is_last = step == cfg.max_steps
+            is_last = step == cfg.max_steps or stop_vote > 0
             row: dict = {}
             if step % cfg.logging.every == 0 or step == 1 or is_last:
                 tokens_per_s = window_tokens / max(window_time, 1e-9)

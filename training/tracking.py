@@ -49,10 +49,13 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def format_line(row: dict, max_steps: int) -> str:
-    parts = [f"step {row['step']}/{max_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
+    parts = [f"step {row['step']}/{max_steps}"]
+    if row.get("loss") is not None:
+        parts += [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
     if row.get("grad_norm") is not None:
         parts.append(f"gnorm {row['grad_norm']:.3f}")
-    parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    if row.get("tokens_per_s") is not None:
+        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
     if row.get("mfu") is not None:
         parts.append(f"mfu {100 * row['mfu']:.1f}%")
     if row.get("mem_gb") is not None:

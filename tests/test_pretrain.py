@@ -1,0 +1,256 @@
+"""Pretraining end to end: real Ray Train V2, real DeepSpeed (CPU, gloo), the debug model.
+
+One dataset dir made by the real `raylm prepare` (stdlib, a few documents, a small vocab) feeds
+every run. Runs are module-scoped and shared between assertions, because each costs a Ray Train
+worker group and a DeepSpeed engine:
+    zero2        2 workers, ZeRO-2, W&B offline   loss falls, W&B read back, the reference run
+    zero2_1w     1 worker, same global batch       step-for-step parity with zero2
+    restart      zero2 + rank 1 dies at step 10   Ray restarts the group: same losses/weights as zero2
+    rerun        zero2 + rank 1 dies, no retries  the command fails; re-running it gives zero2's result
+    resized      a copy of rerun's crashed dir re-run on 1 worker (universal checkpoint)
+A resumed run's W&B histories prove it resumed: one run id, the second attempt starting at step 9
+(a restart from scratch would give the same losses, the data order being deterministic).
+    zero0/1/3, offload                             loss falls; zero3 also feeds the HF export parity
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain_helpers import read_wandb_history
+from raylm.errors import UserError
+
+STEPS = 24
+BASE = [f"max_steps={STEPS}", "checkpoint.every=8", "eval.every=12", "logging.every=1", "schedule.total_steps=24"]
+KILL = ["faults.kill_rank=1", "faults.kill_at_step=10"]
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(ray_cluster, tmp_path_factory) -> Path:
+    from data.prepare import main as prepare_main
+
+    out = tmp_path_factory.mktemp("pretrain-data") / "stdlib"
+    argv = ["--source", "stdlib", "--out", str(out), "--max-docs", "30", "--vocab-size", "400", "--seq-len", "32",
+            "--val-fraction", "0.3", "--tokenizer-sample-bytes", "200000"]
+    assert prepare_main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pretrain-runs")
+
+
+def pretrain(dataset_dir: Path, out: Path, *overrides: str, workers: int = 2) -> Path:
+    from training.pretrain import main
+
+    argv = ["--config", "debug", "--data", str(dataset_dir), "--out", str(out), "--num-workers", str(workers), *BASE, *overrides]
+    assert main(argv) == 0
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in metrics(run_dir)]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def assert_learned(run_dir: Path) -> None:
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 1.0, f"train loss did not fall: {first:.3f} -> {last:.3f}"
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and val[-1] < val[0]
+
+
+@pytest.fixture(scope="module")
+def zero2(dataset_dir, runs_root):
+    return pretrain(dataset_dir, runs_root / "zero2", "deepspeed.zero_stage=2", "logging.wandb_mode=offline")
+
+
+@pytest.fixture(scope="module")
+def zero3(dataset_dir, runs_root):
+    return pretrain(dataset_dir, runs_root / "zero3", "deepspeed.zero_stage=3")
+
+
+@pytest.fixture(scope="module")
+def crashed(dataset_dir, runs_root):
+    """A zero2 run whose rank 1 dies at step 10 with retries off: the command fails after checkpoint 8."""
+    out = runs_root / "rerun"
+    with pytest.raises(Exception, match="(?i)fail|died|exit"):
+        pretrain(dataset_dir, out, *KILL, "scaling.max_failures=0", "logging.wandb_mode=offline")
+    assert (out / "checkpoint_step00000008").is_dir() and not (out / "model").exists()
+    shutil.copytree(out, runs_root / "resized")  # Ray's run state names checkpoints relative to the run dir
+    return out
+
+
+def assert_resumed_at_step_9(run_dir: Path) -> None:
+    """Two attempts, one W&B run id; the second attempt starts after checkpoint 8 (not from scratch)."""
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))  # named offline-run-<time>-<id>
+    assert len(attempts) == 2 and len({a.name.rsplit("-", 1)[-1] for a in attempts}) == 1
+    first, second = (read_wandb_history(next(a.glob("run-*.wandb"))) for a in attempts)
+    assert min(r["_step"] for r in first) == 1 and max(r["_step"] for r in first) >= 9
+    assert [r["_step"] for r in second] == list(range(9, STEPS + 1))
+
+
+# ---- training under each ZeRO stage ------------------------------------------------------------
+
+
+def test_zero2_learns_and_writes_the_run_dir(zero2):
+    assert_learned(zero2)
+    info = json.loads((zero2 / "run.json").read_text())
+    assert info["kind"] == "pretrain" and info["summary"]["steps"] == STEPS and info["global_batch"] == 8
+    assert info["config"]["deepspeed"]["zero_stage"] == 2
+    row = metrics(zero2)[-1]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_ppl", "elapsed_s"):
+        assert row[key] is not None, key
+    kept = sorted(p.name for p in zero2.glob("checkpoint_step*"))
+    assert kept == ["checkpoint_step00000016", "checkpoint_step00000024"]  # checkpoint.keep=2
+    ckpt = zero2 / "checkpoint_step00000024"
+    assert {p.name for p in (ckpt / "ds").glob("zero_pp_rank_*_optim_states.pt")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert json.loads((ckpt / "raylm_state.json").read_text())["step"] == STEPS
+    assert (zero2 / "report.md").is_file()
+
+
+@pytest.mark.parametrize("stage_overrides", [["deepspeed.zero_stage=0"], ["deepspeed.zero_stage=1"],
+                                             ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"]],
+                         ids=["zero0", "zero1", "zero2-offload"])
+def test_loss_falls_under_other_stages(dataset_dir, runs_root, stage_overrides):
+    name = stage_overrides[-1].split(".")[-1].replace("=", "")
+    assert_learned(pretrain(dataset_dir, runs_root / name, *stage_overrides))
+
+
+def test_zero3_learns(zero3):
+    assert_learned(zero3)
+
+
+def test_two_workers_match_one_worker_with_the_same_global_batch(dataset_dir, runs_root, zero2):
+    one = pretrain(dataset_dir, runs_root / "zero2_1w", "data.global_batch=8", workers=1)
+    assert losses(one) == pytest.approx(losses(zero2), rel=1e-5, abs=1e-5)
+    assert max_weight_diff(one, zero2) < 1e-5
+
+
+# ---- exact resume ------------------------------------------------------------------------------
+
+
+def test_ray_restart_after_a_worker_dies_resumes_exactly(dataset_dir, runs_root, zero2):
+    run = pretrain(dataset_dir, runs_root / "restart", *KILL, "scaling.max_failures=1", "logging.wandb_mode=offline")
+    assert (run / ".faults" / "killed-rank1-step10").is_file()  # the worker really died
+    assert_resumed_at_step_9(run)
+    assert losses(run) == losses(zero2)
+    assert max_weight_diff(run, zero2) == 0.0
+
+
+def test_rerunning_the_command_after_a_crash_resumes_exactly(dataset_dir, crashed, zero2):
+    run = pretrain(dataset_dir, crashed, *KILL, "scaling.max_failures=0", "logging.wandb_mode=offline")
+    assert_resumed_at_step_9(run)
+    assert losses(run) == losses(zero2)
+    assert max_weight_diff(run, zero2) == 0.0
+
+
+def test_resume_at_a_different_worker_count(dataset_dir, runs_root, crashed, zero2):
+    run = pretrain(dataset_dir, runs_root / "resized", *KILL, "scaling.max_failures=0", "data.global_batch=8",
+                   "logging.wandb_mode=offline", workers=1)
+    assert_resumed_at_step_9(run)
+    assert losses(run)[:8] == losses(zero2)[:8]  # written by the 2-worker attempt
+    assert losses(run) == pytest.approx(losses(zero2), rel=1e-5, abs=1e-5)
+    assert max_weight_diff(run, zero2) < 1e-5
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+def test_zero3_export_loads_in_transformers_with_equal_logits(zero3):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from training.model_dir import load_model_dir
+
+    model_dir = zero3 / "model"
+    ours, cfg = load_model_dir(model_dir)
+    theirs = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tokenizer("def main():\n    return json.dumps(x)\n")["input_ids"]])
+    with torch.no_grad():
+        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert cfg.n_layers == 2 and cfg.vocab_size == 512
+
+
+def test_greedy_generate_matches_transformers(zero3):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from training.generate import generate_texts
+
+    model_dir = zero3 / "model"
+    prompt = "import os\n"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    out = hf.generate(ids, max_new_tokens=12, do_sample=False)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    (ours,) = generate_texts(model_dir, [prompt], max_tokens=12, temperature=0.0)
+    assert expected.startswith(ours) and ours  # ours may stop early at an end token
+
+
+# ---- W&B ---------------------------------------------------------------------------------------
+
+
+def test_wandb_offline_run_holds_the_loss_history(zero2):
+    (run_file,) = (zero2 / "wandb").glob("offline-run-*/run-*.wandb")
+    history = read_wandb_history(run_file)
+    logged = {row["_step"]: row["loss"] for row in history if "loss" in row}
+    assert logged == {row["step"]: pytest.approx(row["loss"]) for row in metrics(zero2)}
+
+
+# ---- config errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [("deepspeed.zero_stag=2", "deepspeed.zero_stag"), ("data.micro_batch=four", "data.micro_batch"),
+     ("deepspeed.zero_stage=5", "deepspeed.zero_stage"), ("schedule.kind=linear", "schedule.kind"),
+     ("deepspeed.offload_params=true", "deepspeed.offload_params")],
+)
+def test_config_errors_name_the_key(override, named):
+    from training.config import load_train_config
+
+    with pytest.raises(UserError, match=named.replace(".", r"\.")):
+        load_train_config("debug", [override])
+
+
+def test_a_dataset_that_does_not_fit_the_config_is_refused(dataset_dir):
+    from training.pretrain import main
+
+    with pytest.raises(UserError, match=r"seq_len is 32 but data\.seq_len is 16"):
+        main(["--config", "debug", "--data", str(dataset_dir), "--out", "/tmp/never-written", "data.seq_len=16"])
+    with pytest.raises(UserError, match=r"vocab_size is 400 but model\.vocab_size is 256"):
+        main(["--config", "debug", "--data", str(dataset_dir), "--out", "/tmp/never-written", "model.vocab_size=256"])
+
+
+def test_fp16_is_refused_on_cpu():
+    from training.deepspeed_config import resolve_precision
+
+    with pytest.raises(UserError, match="fp16 needs GPUs"):
+        resolve_precision("fp16", use_gpu=False)
+    assert resolve_precision("auto", use_gpu=False) == "fp32" and resolve_precision("auto", use_gpu=True) == "bf16"
