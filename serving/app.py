@@ -47,7 +47,8 @@ def parse_app_args(args: dict) -> AppArgs:
     app_args = from_dict(AppArgs, parsed, prefix="args.")
     if not Path(app_args.model).is_dir():
         raise UserError(f"args.model: model dir {app_args.model!r} does not exist")
-    return app_args
+    # Replicas may not share the builder's working directory.
+    return dataclasses.replace(app_args, model=str(Path(app_args.model).resolve()))
 
 
 def replica_cpu_threads() -> int:
@@ -100,8 +101,13 @@ class LLMServer:
         self.loop.stop()
 
 
-def build_app(args: dict, deployment_options: dict | None = None) -> serve.Application:
-    """The Serve application for `args` (see AppArgs); `deployment_options` as in a config file."""
+def build_app(args: dict) -> serve.Application:
+    """The app builder of `import_path: serving.app:build_app` (Serve passes exactly the args dict)."""
+    return configured_app(args, None)
+
+
+def configured_app(args: dict, deployment_options: dict | None) -> serve.Application:
+    """The Serve application for `args` (see AppArgs), with deployment options as a config file gives them."""
     app_args = parse_app_args(args)
     deployment = LLMServer.options(**deployment_options) if deployment_options else LLMServer
     return deployment.bind(app_args)

@@ -62,7 +62,7 @@ def start_serving(
     from ray import serve
 
     from raylm.ray_utils import init_ray
-    from serving.app import API_KEY_ENV, build_app
+    from serving.app import API_KEY_ENV, configured_app
     from training.model_dir import read_model_config
 
     read_model_config(model_dir)  # a bad model dir fails here, in one line, not inside a replica
@@ -72,7 +72,7 @@ def start_serving(
     if api_key:
         args["api_key"] = api_key
     options = [d.model_dump(exclude_unset=True) for d in application.deployments]
-    app = build_app(args, options[0] if options else None)
+    app = configured_app(args, options[0] if options else None)
 
     init_ray()
     serve.start(http_options={"host": host, "port": port})

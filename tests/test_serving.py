@@ -228,9 +228,9 @@ def running_replicas(app: str) -> int:
 def deploy_side_app(server, name: str, options: dict) -> str:
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import configured_app
 
-    app = build_app({"model": str(server[1]), "model_name": MODEL, "max_batch_size": 8}, options)
+    app = configured_app({"model": str(server[1]), "model_name": MODEL, "max_batch_size": 8}, options)
     serve.run(app, name=name, route_prefix=f"/{name}")
     return f"http://127.0.0.1:{server[2]}/{name}"
 
