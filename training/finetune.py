@@ -47,6 +47,12 @@ class FinetuneConfig(TrainConfig):
     eval_batch: int = 8  # rows per forward when measuring the held-out loss on the driver
     eval_max_rows: int = 256  # held-out rows the driver scores before and after (the driver may be CPU-only)
 
+    def validate(self) -> None:
+        super().validate()
+        for name in ("eval_max_tokens", "eval_batch", "eval_max_rows"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+
 
 def train_config(cfg: FinetuneConfig) -> TrainConfig:
     """The TrainConfig part that the loop's workers rebuild (they know no fine-tuning keys)."""
@@ -55,8 +61,8 @@ def train_config(cfg: FinetuneConfig) -> TrainConfig:
 
 def finetune_settings(cfg: FinetuneConfig) -> dict[str, Any]:
     """The fine-tuning-only keys, for finetune.json and the report (run.json holds the rest)."""
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}
-    return {name: dataclasses.asdict(cfg)[name] for name in sorted(names)}
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {name: value for name, value in dataclasses.asdict(cfg).items() if name not in shared}
 
 
 # ---- evaluation on the driver ---------------------------------------------------------------------
@@ -90,7 +96,6 @@ def heldout_loss(model_dir: str | Path, rows: list[dict], batch: int) -> float |
             n = int(target_mask.sum())
             total += float(cross_entropy_loss(model(ids[:, :-1]), targets, target_mask)) * n
             count += n
-    del model
     return total / max(count, 1)
 
 
