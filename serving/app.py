@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def replica_cpu_threads() -> int:
     return max(1, int(cpus))
 
 
+def export_engine_metrics(engine, stop: threading.Event, period_s: float = 2.0) -> None:
+    """Mirror the engine's counters into Ray's metrics (Prometheus, Grafana), beside Serve's own."""
+    from ray.util.metrics import Gauge
+
+    gauges: dict = {}
+    while not stop.wait(period_s):
+        for name, value in engine.stats().items():
+            if isinstance(value, (int, float)):
+                if name not in gauges:
+                    gauges[name] = Gauge(f"raylm_engine_{name}", description=f"raylm engine: {name.replace('_', ' ')}")
+                gauges[name].set(value)
+
+
 @serve.deployment(
     name="LLMServer",
     max_ongoing_requests=48,
@@ -81,6 +95,8 @@ class LLMServer:
         )
         self.loop = EngineLoop(Engine(args.model, config))
         self.args = args
+        self.stop_metrics = threading.Event()
+        threading.Thread(target=export_engine_metrics, args=(self.loop.engine, self.stop_metrics), daemon=True).start()
         log.info("raylm engine ready: %s on %s, %d slots", args.model, self.loop.engine.device, config.max_batch_size)
 
     def __serve_build_asgi_app__(self):
@@ -98,6 +114,7 @@ class LLMServer:
             raise RuntimeError("the engine thread has stopped")
 
     def __del__(self) -> None:
+        self.stop_metrics.set()
         self.loop.stop()
 
 
