@@ -174,6 +174,11 @@ def test_no_wait_then_status_logs_and_stop(head, tmp_path, capsys):
     ])  # fmt: skip
     assert code == 0
     assert job_id in capsys.readouterr().out
+    from ray.job_submission import JobSubmissionClient
+
+    env_vars = JobSubmissionClient(head.url).get_job_info(job_id).runtime_env["env_vars"]
+    assert env_vars["RAYLM_TEST_MARK"] == "1"  # --env
+    assert env_vars["WANDB_MODE"] == os.environ["WANDB_MODE"]  # passed through from this shell
 
     assert raylm(["jobs", "--address", head.url, "stop", job_id]) == 0
     assert "STOPPED" in capsys.readouterr().out
