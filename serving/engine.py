@@ -345,7 +345,11 @@ class Engine:
             else:
                 still_running.append(seq)
             if output.text or output.token_ids or finished:
-                seq.on_output(output)
+                try:
+                    seq.on_output(output)
+                except Exception:  # a consumer that is gone (e.g. its event loop closed) must not stop the engine
+                    log.exception("delivering output of request %d failed; cancelling it", seq.id)
+                    seq.cancelled = True
         self.running = still_running
 
     def release(self, seq: Sequence, keep_in_running: bool = False) -> None:
