@@ -77,7 +77,7 @@ class Output:
     completion_tokens: int
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: identity, not field-by-field equality
 class Sequence:
     id: int
     prompt_ids: list[int]
