@@ -299,12 +299,10 @@ class Engine:
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         greedy = logits.argmax(-1).tolist()  # one batched argmax serves every plain greedy request
-        logits = logits.float().cpu()
+        plain = [is_plain_greedy(seq.params) for seq in seqs]
+        rows = logits.float().cpu() if not all(plain) else None  # the full logits cross to the CPU only when needed
         for row, seq in enumerate(seqs):
-            if is_plain_greedy(seq.params):
-                choice = TokenChoice(greedy[row])
-            else:
-                choice = choose_token(logits[row], seq.counts, seq.params, seq.generator)
+            choice = TokenChoice(greedy[row]) if plain[row] else choose_token(rows[row], seq.counts, seq.params, seq.generator)
             self.append_token(seq, choice)
 
     def append_token(self, seq: Sequence, choice: TokenChoice) -> None:
