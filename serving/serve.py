@@ -71,6 +71,8 @@ def start_serving(
     api_key = api_key or os.environ.get(API_KEY_ENV)
     if api_key:
         args["api_key"] = api_key
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host} without an API key: anyone who can reach it can use it (set --api-key)", file=sys.stderr)
     options = [d.model_dump(exclude_unset=True) for d in application.deployments]
     app = configured_app(args, options[0] if options else None)
 
