@@ -121,6 +121,27 @@ def test_streaming_completions_and_chat_with_usage(client, engine):
     assert chunks[-1].usage.completion_tokens == len(ids)
 
 
+def test_logprobs_stop_strings_and_seeds_over_http(client, engine):
+    reply = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6 and all(len(top) <= 2 for top in logprobs.top_logprobs)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    assert [len(t.top_logprobs) for t in chat.choices[0].logprobs.content] == [3, 3, 3, 3]
+
+    full = direct(engine, engine.encode_prompt(PROMPTS[3]), 30, ignore_eos=True)[0]
+    stop = full[10:13]
+    cut = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=30, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+    def sampled(seed: int) -> str:
+        return client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=12, temperature=1.0, top_p=0.95, seed=seed).choices[0].text
+
+    assert sampled(11) == sampled(11) != sampled(12)
+
+
 def test_greedy_over_http_equals_transformers_generate(client, engine, server):
     transformers = pytest.importorskip("transformers")
     import torch
