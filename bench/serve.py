@@ -164,9 +164,10 @@ def serve_and_load(model_dir: Path, args, workdir: Path) -> tuple[list[dict], di
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     app = config["applications"][0]
     app["args"]["max_batch_size"] = max(CONCURRENCY)
+    app["args"]["stream_interval_s"] = args.stream_interval_s
     deployment = app["deployments"][0]
     deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}  # one engine: its batching is what is measured
-    deployment["ray_actor_options"]["num_cpus"] = cpus
+    deployment["ray_actor_options"]["num_cpus"] = args.replica_cpus  # = the replica's torch threads
     if torch.cuda.is_available():
         deployment["ray_actor_options"]["num_gpus"] = 1
     (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
@@ -190,6 +191,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per context length")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the in-process part (0 = torch's default)")
+    parser.add_argument("--replica-cpus", type=float, default=1, help="num_cpus (= torch threads) of the Serve replica; the rest is left to the proxy and the load generator")
+    parser.add_argument("--stream-interval-s", type=float, default=0.0, help="the app's stream_interval_s (least time between SSE writes)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 

@@ -46,6 +46,7 @@ class ApiSettings:
     model_name: str  # the id clients pass as `model`
     api_key: str | None  # when set, required as a Bearer token
     max_body_bytes: int  # larger request bodies are refused with 413
+    stream_interval_s: float = 0.0  # least time between two SSE writes of one stream (0 = every step)
 
 
 def check_api_key(request: Request, api_key: str | None) -> None:
@@ -129,7 +130,7 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
         if chat:
             yield sse(chat_body(rid, name, "", None, None, None, chunk=True, first=True))
         last: Output | None = None
-        async with aclosing(loop.stream(prompt_ids, params)) as outputs:
+        async with aclosing(loop.stream(prompt_ids, params, settings.stream_interval_s)) as outputs:
             async for batch in outputs:
                 events = []
                 for out in batch:

@@ -33,6 +33,7 @@ class AppArgs:
     max_batch_size: int = 32  # sequences decoded together per replica (KV cache slots)
     max_model_len: int = 0  # longest prompt + output; 0 = the model's context
     max_body_bytes: int = 1 << 20  # request bodies above this get 413
+    stream_interval_s: float = 0.0  # least time between two SSE writes of a stream; > 0 trades smoothness for throughput
     device: str = "auto"  # cpu | cuda | auto (cuda when the replica has a GPU)
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)
 
@@ -43,7 +44,7 @@ class AppArgs:
 
 def parse_app_args(args: dict) -> AppArgs:
     """Builder args -> AppArgs. `serve run ... key=value` passes every value as a string."""
-    numeric = {f.name for f in dataclasses.fields(AppArgs) if f.type in ("int", int)}
+    numeric = {f.name for f in dataclasses.fields(AppArgs) if f.type in ("int", int, "float", float)}
     parsed = {k: parse_override(f"{k}={v}")[1] if k in numeric and isinstance(v, str) else v for k, v in args.items()}
     app_args = from_dict(AppArgs, parsed, prefix="args.")
     if not Path(app_args.model).is_dir():
@@ -106,6 +107,7 @@ class LLMServer:
             model_name=self.args.model_name or Path(self.args.model).name,
             api_key=self.args.api_key or os.environ.get(API_KEY_ENV) or None,
             max_body_bytes=self.args.max_body_bytes,
+            stream_interval_s=self.args.stream_interval_s,
         )
         return build_api(self.loop, settings)
 

@@ -429,9 +429,11 @@ class EngineLoop:
         self.wakeup.set()
         self.thread.join(timeout=10)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[list[Output]]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, min_interval_s: float = 0.0) -> AsyncIterator[list[Output]]:
         """Yield the request's outputs as they come, several at once when the consumer falls behind.
 
+        With `min_interval_s`, batches after the first are at least that far apart: fewer, larger
+        writes when many streams share a replica (each write is a message through Serve's proxy).
         Leaving the iteration early (a client that disconnected) cancels the request, which frees
         its cache slot at the next step.
         """
@@ -447,6 +449,8 @@ class EngineLoop:
                 yield batch
                 if batch[-1].finish_reason is not None:
                     return
+                if min_interval_s > 0:
+                    await asyncio.sleep(min_interval_s)
         finally:
             if seq.finish_reason is None:
                 self.engine.cancel(seq)
