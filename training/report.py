@@ -227,7 +227,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, (dict, list)):
-        return f"`{json.dumps(value)}`"
+        text = json.dumps(value)
+        return f"`{text}`" if "`" not in text else text  # a backtick inside would end the code span
     return str(value)
 
 
