@@ -45,14 +45,14 @@ def sft_run(tmp_path_factory, ray_cluster):
     base = make_model_dir(root / "base", train_tokenizer(records, root / "tokenizer"), seed=0)
     out = root / "run"
     rc = raylm(["finetune", "--config", "sft-debug", "--base", str(base), "--data", str(chat), "--out", str(out),
-                "--num-workers", "2", "--max-steps", "80"])
+                "--num-workers", "2", "--max-steps", "100"])
     assert rc == 0
     return {"base": base, "out": out, "summary": json.loads((out / "finetune.json").read_text())}
 
 
 def test_sft_lowers_the_heldout_loss(sft_run):
     before, after = sft_run["summary"]["before"]["val_loss"], sft_run["summary"]["after"]["val_loss"]
-    assert after < 0.8 * before, (before, after)
+    assert after < before - 1.0, (before, after)  # at least one nat per assistant token
     stats = sft_run["summary"]["data_stats"]
     assert stats["val"]["rows"] >= 10 and stats["train"]["rows"] >= 300
 
