@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import sys
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             serving = True
 
         run_stage(demo, 5, "serve", False, serve_model, base_url or f"http://{args.host}:{args.port}")
-        run_stage(demo, 6, "ask", False, lambda: answers.extend(ask_questions(base_url, None, demo.recipe.max_tokens)))
+        run_stage(demo, 6, "ask", False, lambda: answers.extend(ask_questions(base_url, os.environ.get("RAYLM_API_KEY"), demo.recipe.max_tokens)))
         text = summary_text(demo, answers, base_url if args.keep_serving else None)
         report = write_demo_report(demo, text)
         print(text + f"\n\nthis summary: {report}", flush=True)
