@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     from raylm.ray_utils import init_ray
 
     init_ray(args.address)
-    train = ray.data.read_parquet(train_paths, columns=["input_ids"])
-    val = ray.data.read_parquet(val_paths, columns=["input_ids"]) if val_paths else None
+    train = ray.data.read_parquet(train_paths).select_columns(["input_ids"])
+    val = ray.data.read_parquet(val_paths).select_columns(["input_ids"]) if val_paths else None
     result = run_training(
         cfg, train=train, val=val, tokenizer_dir=str(Path(args.data) / "tokenizer"), out=args.out,
         source={"dataset_dir": str(Path(args.data).resolve()), "manifest_source": manifest.get("source")},
