@@ -13,12 +13,12 @@ split's shards in order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from raylm.errors import UserError
+from raylm.files import file_sha256
 
 KIND = "raylm.dataset"
 FORMAT_VERSION = 1
@@ -41,14 +41,6 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "created_by": str,
 }
 SPECIAL_TOKEN_NAMES = ("endoftext", "pad", "im_start", "im_end")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_path(dataset_dir: str | Path) -> Path:

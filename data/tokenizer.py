@@ -16,7 +16,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data.dataset_dir import file_sha256
+from raylm.files import file_sha256
 from raylm.errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"  # document separator; also bos and eos

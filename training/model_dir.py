@@ -15,7 +15,6 @@ leaves a dir that looks complete. `load_model_dir` reads ours and open Llama-for
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raylm.errors import UserError
+from raylm.files import file_sha256
 from training.model import ModelConfig, Transformer
 
 MANIFEST_KIND = "raylm.model"
@@ -34,14 +34,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 HF_PREFIX = "model."  # HF nests all but lm_head under `model.`
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- config ---------------------------------------------------------------------------------------
