@@ -48,13 +48,15 @@ class Recipe:
     max_tokens: int
 
 
+# The time caps keep the demo inside ~15 minutes on a slow or busy machine: a capped run still
+# evaluates, checkpoints and exports as if it had reached max_steps.
 FULL = Recipe(
-    prepare_args=["--vocab-size", "4096", "--seq-len", "256"],
+    prepare_args=["--vocab-size", "8192", "--seq-len", "256"],
     pretrain_config="tiny.yaml",
-    pretrain_overrides=[],
-    chat_records=3000,
+    pretrain_overrides=["max_time_s=420"],
+    chat_records=4000,
     finetune_config="sft-tiny.yaml",
-    finetune_overrides=[],
+    finetune_overrides=["max_time_s=200"],
     max_tokens=48,
 )
 QUICK = Recipe(
