@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     started_ray = not ray.is_initialized()
+    # The train loop prints a line per logged step; Ray Data's per-worker bars would bury it.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     init_ray(args.address)
     answers: list[tuple[str, str]] = []
     serving = False
