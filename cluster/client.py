@@ -104,3 +104,17 @@ def translate_job_errors(address: str, job_id: str, err: Exception) -> UserError
     if isinstance(err, ConnectionError):
         return UserError(f"lost the connection to the Ray cluster at {address} ({text})")
     return None
+
+
+@contextlib.contextmanager
+def job_errors_as_user_errors(address: str, job_id: str):
+    """Re-raise job-server failures a user can act on as one-line UserErrors; bugs keep their traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        user_error = translate_job_errors(address, job_id, err)
+        if user_error is None:
+            raise
+        raise user_error from None

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.client import connect, resolve_address, translate_job_errors
+from cluster.client import connect, job_errors_as_user_errors, resolve_address
 from cluster.submit import follow_logs, wait_until_done
 from raylm.entry import run_main
-from raylm.errors import UserError
 
 FAILED_STATUSES = {"FAILED", "STOPPED"}
 
@@ -76,22 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     client = connect(url)
     job_id = getattr(args, "job_id", "")
     try:
-        if args.action == "list":
-            return list_jobs(client)
-        if args.action == "status":
-            return show_status(client, job_id)
-        if args.action == "logs":
-            return show_logs(client, job_id, args.follow)
-        return stop(client, job_id)
-    except UserError:
-        raise
+        with job_errors_as_user_errors(url, job_id):
+            if args.action == "list":
+                return list_jobs(client)
+            if args.action == "status":
+                return show_status(client, job_id)
+            if args.action == "logs":
+                return show_logs(client, job_id, args.follow)
+            return stop(client, job_id)
     except KeyboardInterrupt:
         return 130
-    except Exception as err:
-        user_error = translate_job_errors(url, job_id, err)
-        if user_error is None:
-            raise
-        raise user_error from None
 
 
 if __name__ == "__main__":

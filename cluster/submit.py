@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 
-from cluster.client import connect, resolve_address, translate_job_errors
+from cluster.client import connect, job_errors_as_user_errors, resolve_address
 from cluster.runtime_env import build_runtime_env, parse_env_assignments
 from raylm.entry import run_main
 from raylm.errors import UserError
@@ -171,15 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     client = connect(url)
     job_id = args.job_id or f"raylm-{args.stage}-{uuid.uuid4().hex[:8]}"
     try:
-        submit(client, job_id, entrypoint, runtime_env, args.stage)
-        print(f"raylm submit: submitted job {job_id} to {url}: {entrypoint}", flush=True)
-        if args.no_wait:
-            print(f"raylm submit: follow it with `raylm jobs logs {job_id} --follow`")
-            return 0
-        if args.stage == "serve":
-            return wait_for_serving(client, url, job_id)
-        follow_logs(client, job_id)
-        return report_outcome(wait_until_done(client, job_id), job_id)
+        with job_errors_as_user_errors(url, job_id):
+            submit(client, job_id, entrypoint, runtime_env, args.stage)
+            print(f"raylm submit: submitted job {job_id} to {url}: {entrypoint}", flush=True)
+            if args.no_wait:
+                print(f"raylm submit: follow it with `raylm jobs logs {job_id} --follow`")
+                return 0
+            if args.stage == "serve":
+                return wait_for_serving(client, url, job_id)
+            follow_logs(client, job_id)
+            return report_outcome(wait_until_done(client, job_id), job_id)
     except KeyboardInterrupt:
         print(
             f"\nraylm submit: stopped following; job {job_id} keeps running "
@@ -187,13 +188,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except UserError:
-        raise
-    except Exception as err:
-        user_error = translate_job_errors(url, job_id, err)
-        if user_error is None:
-            raise
-        raise user_error from None
 
 
 if __name__ == "__main__":
