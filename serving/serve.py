@@ -77,32 +77,39 @@ def start_serving(
     app = configured_app(args, options[0] if options else None)
 
     init_ray()
-    serve.start(http_options={"host": host, "port": port})
-    route_prefix = application.route_prefix or "/"
-    serve.run(app, name=application.name, route_prefix=route_prefix)
-    base_url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
-    if blocking:
-        wait_for_stop_signal(base_url)
-        serve.shutdown()
+    # Ctrl-C / SIGTERM only set a flag from here on, so one that lands while the app is still
+    # starting is still a clean stop after it started, never an exception halfway through.
+    stop = StopSignal() if blocking else None
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        route_prefix = application.route_prefix or "/"
+        serve.run(app, name=application.name, route_prefix=route_prefix)
+        base_url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+        if stop is not None:
+            print(f"serving at {base_url}/v1  (Ctrl-C stops)", flush=True)
+            while not stop.requested:
+                time.sleep(0.2)
+            print("stopping", file=sys.stderr, flush=True)
+            serve.shutdown()
+    finally:
+        if stop is not None:
+            stop.restore()
     return base_url
 
 
-def wait_for_stop_signal(base_url: str) -> None:
-    stop = False
+class StopSignal:
+    """SIGINT and SIGTERM set `requested` instead of raising, until `restore()`."""
 
-    def request_stop(signum, frame) -> None:
-        nonlocal stop
-        stop = True
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    print(f"serving at {base_url}/v1  (Ctrl-C stops)", flush=True)
-    try:
-        while not stop:
-            time.sleep(0.2)
-    finally:
-        for sig, handler in previous.items():
+    def request(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-    print("stopping", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
