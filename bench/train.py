@@ -6,8 +6,10 @@
    batch, torch AdamW, all cores) and of `raylm pretrain` (2 workers, ZeRO-2), steady state:
    the loop's per-step timing after the first 10 steps, start-up excluded. Target >= 0.9x.
 2. Memory: per-rank bytes of parameters, gradients and Adam state under ZeRO 0-3 at 2 workers,
-   counted from the DeepSpeed engines after one step. Target: <= 0.55x of stage 0 for each part
-   the stage shards (1: Adam state, 2: + gradients, 3: + parameters).
+   counted from the DeepSpeed engines after one step, on every rank; the figure is the largest
+   rank's (ranks can differ: a ZeRO-1/2 rank holds whole gradient buffers for every parameter
+   that touches its partition). Target: <= 0.55x of stage 0 for each part the stage shards
+   (1: Adam state, 2: + gradients, 3: + parameters).
 3. Learning: val loss of `tiny` on the stdlib corpus at init and after `--minutes` of
    `raylm pretrain` on this machine. Target: >= 40% below the value at init.
 
@@ -152,8 +154,19 @@ def memory_by_stage(cfg, work: Path) -> dict[int, dict]:
         TorchTrainer(count_engine_bytes, train_loop_config={"config": to_dict(cfg), "out": str(out)},
                      scaling_config=ray.train.ScalingConfig(num_workers=2),
                      run_config=ray.train.RunConfig(name=f"memory-zero{stage}", storage_path=str(work / "ray"))).fit()
-        results[stage] = json.loads((out / "rank0.json").read_text())
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        results[stage] = {part: max(r[part] for r in ranks) for part in ranks[0]} | {"per_rank": ranks}
     return results
+
+
+def print_memory(mem: dict[int, dict]) -> None:
+    print("memory      bytes, largest rank      params      grads       adam   fp32 master   (grads by rank)")
+    for stage, m in mem.items():
+        by_rank = " / ".join(f"{r['grads']:,}" for r in m["per_rank"])
+        print(f"            ZeRO-{stage}               {m['params']:>10,} {m['grads']:>10,} {m['adam']:>10,} {m['fp32_master']:>10,}   ({by_rank})")
+    for stage, parts in ((1, ["adam"]), (2, ["adam", "grads"]), (3, ["adam", "grads", "params"])):
+        ratios = ", ".join(f"{p} {mem[stage][p] / mem[0][p]:.2f}x" for p in parts)
+        print(f"            ZeRO-{stage} vs ZeRO-0 (sharded parts): {ratios}  (target <= 0.55x)")
 
 
 # ---- 3. raylm pretrain ----------------------------------------------------------------------------
@@ -175,6 +188,7 @@ def main() -> int:
     parser.add_argument("--max-docs", type=int, default=1500, help="stdlib documents to prepare when --data is not given")
     parser.add_argument("--out", default=None, help="work dir (default: a temp dir)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory-by-stage part")
+    parser.add_argument("--memory-only", action="store_true", help="run only the memory-by-stage part")
     args = parser.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="raylm-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -183,6 +197,9 @@ def main() -> int:
     from training.config import global_batch, load_train_config
 
     init_ray()  # as `raylm pretrain` does: join RAY_ADDRESS or start a local cluster
+    if args.memory_only:
+        print_memory(memory_by_stage(load_train_config("tiny", ["data.micro_batch=2"]), work))
+        return 0
     dataset_dir = ensure_dataset(args.data, work, args.max_docs)
     cfg = load_train_config("tiny")
     rows = train_rows(dataset_dir)
@@ -212,13 +229,8 @@ def main() -> int:
     print("\n================ bench/train.py ================")
     print(f"throughput  bare PyTorch loop        {bare:>10,.0f} tokens/s (mean of before and after)")
     print(f"            raylm pretrain (2w ZeRO-2) {ours:>8,.0f} tokens/s   ratio {ours / bare:.2f}x  (target >= 0.9x)")
-    print("memory      per rank, bytes          params      grads       adam   fp32 master")
-    for stage, m in mem.items():
-        print(f"            ZeRO-{stage}               {m['params']:>10,} {m['grads']:>10,} {m['adam']:>10,} {m['fp32_master']:>10,}")
-    for stage, parts in ((1, ["adam"]), (2, ["adam", "grads"]), (3, ["adam", "grads", "params"])) if mem else ():
-        base = mem[0]
-        ratios = ", ".join(f"{p} {mem[stage][p] / base[p]:.2f}x" for p in parts)
-        print(f"            ZeRO-{stage} vs ZeRO-0 (sharded parts): {ratios}  (target <= 0.55x)")
+    if mem:
+        print_memory(mem)
     print(f"learning    val loss at init (step {s0}) {v0:.3f} -> after {args.minutes:g} min (step {s1}) {v1:.3f}: "
           f"{100 * (1 - v1 / v0):.0f}% lower  (target >= 40%)")
     summary = {"bare_tokens_per_s": bare, "bare_after_tokens_per_s": bare_after, "raylm_tokens_per_s": ours, "ratio": ours / bare, "memory": mem,
