@@ -120,7 +120,8 @@ def eval_micro_batches(eval_rows: dict[str, np.ndarray] | None, micro_batch: int
     if not eval_rows:
         return []
     per_rank = len(eval_rows["input_ids"]) // world
-    mine = {name: array[rank * per_rank : (rank + 1) * per_rank] for name, array in eval_rows.items()}
+    # A copy: the rows may be read-only Arrow buffers, which torch.from_numpy warns about.
+    mine = {name: array[rank * per_rank : (rank + 1) * per_rank].copy() for name, array in eval_rows.items()}
     micro = []
     for lo in range(0, per_rank, micro_batch):
         ids = torch.from_numpy(mine["input_ids"][lo : lo + micro_batch]).to(device)
