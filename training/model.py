@@ -215,6 +215,22 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@torch.no_grad()
+def init_module_weights(module: nn.Module, name: str, cfg: ModelConfig) -> None:
+    """Initialise one module's own weights (see Init above); `name` is its name in the model.
+
+    One module at a time, in `named_modules()` order, so that a caller holding the model in shards
+    (DeepSpeed ZeRO-3) can gather each module, initialise it here, and get the same weights.
+    """
+    if isinstance(module, nn.Linear):
+        residual = name.endswith(("o_proj", "down_proj"))
+        nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers) if residual else cfg.init_std)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -230,17 +246,9 @@ class Transformer(nn.Module):
         self.activation_checkpoint: Callable | None = None
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith(("o_proj", "down_proj")) else self.cfg.init_std
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+            init_module_weights(module, name, self.cfg)
 
     def forward(
         self,
