@@ -123,9 +123,10 @@ def count_engine_bytes(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     cfg = from_dict(TrainConfig, loop_config["config"])
-    model = build_model(cfg.model, cfg.seed, None, False)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1),
-                                           config=build_ds_config(cfg, world, use_gpu=False), dist_init_required=False)
+    ds_config = build_ds_config(cfg, world, use_gpu=False)
+    model = build_model(cfg.model, cfg.seed, None, False, zero3_ds_config=ds_config if cfg.deepspeed.zero_stage == 3 else None)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds_config,
+                                           dist_init_required=False)
     ids = torch.randint(cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len + 1))
     engine.backward(engine(ids[:, :-1], targets=ids[:, 1:]))
     opt = engine.optimizer

@@ -36,7 +36,7 @@ import torch
 
 from raylm.config import from_dict
 from training.config import TrainConfig, global_batch, grad_accum, schedule_total_steps
-from training.model import ModelConfig, Transformer, flops_per_token
+from training.model import ModelConfig, Transformer, flops_per_token, init_module_weights
 from training.tracking import Tracker, new_wandb_id, perplexity
 
 FAULT_MARKER_DIR = ".faults"
@@ -143,17 +143,45 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(model_cfg: ModelConfig, seed: int, init_model_dir: str | None, activation_checkpointing: bool) -> Transformer:
+def build_model(model_cfg: ModelConfig, seed: int, init_model_dir: str | None, activation_checkpointing: bool,
+                zero3_ds_config: dict | None = None) -> Transformer:
+    """The model, initialised the same on every rank (or loaded from a model dir).
+
+    With `zero3_ds_config` (ZeRO-3, from scratch) it is built under `deepspeed.zero.Init`: each
+    module's parameters are partitioned across ranks as soon as it is constructed, so no rank
+    ever holds the whole model (a 7B model is 27 GB in fp32). Its weights are then initialised one
+    module at a time, gathered, on rank 0 and scattered: on CPU the very weights of the plain build
+    (tested); on GPU the draws come from the CUDA generator instead.
+    """
     torch.manual_seed(seed)  # the same init on every rank
     if init_model_dir:
         from training.model_dir import load_model_dir
 
         model, _ = load_model_dir(init_model_dir)
         model.train()
+    elif zero3_ds_config is not None:
+        model = build_partitioned_model(model_cfg, zero3_ds_config)
     else:
         model = Transformer(model_cfg)
     if activation_checkpointing:
         model.activation_checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    return model
+
+
+def build_partitioned_model(model_cfg: ModelConfig, ds_config: dict) -> Transformer:
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        # The submodules' default inits ran before DeepSpeed partitioned them, drawing what they
+        # draw in a plain build; the model's own init then ran on empty shards and drew nothing,
+        # so the generator stands where the plain build's init starts. Redone here, gathered.
+        model = Transformer(model_cfg)
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own:
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    init_module_weights(module, name, model_cfg)
     return model
 
 
@@ -274,8 +302,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     load_dir = (convert_to_universal(ckpt_dir, state["zero_stage"]) if universal else ckpt_dir) if ckpt_dir else None
 
     seed_everything(cfg.seed + rank)
-    model = build_model(model_cfg, cfg.seed, loop_config.get("init_model_dir"), cfg.deepspeed.activation_checkpointing)
     ds_config = build_ds_config(cfg, world, use_gpu, load_universal=universal)
+    model = build_model(model_cfg, cfg.seed, loop_config.get("init_model_dir"), cfg.deepspeed.activation_checkpointing,
+                        zero3_ds_config=ds_config if stage == 3 else None)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay), config=ds_config, dist_init_required=False
     )
