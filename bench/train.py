@@ -141,6 +141,9 @@ def count_engine_bytes(loop_config: dict) -> None:
     Path(loop_config["out"], f"rank{rank}.json").write_text(json.dumps({"params": params, "grads": grads, "adam": adam, "fp32_master": master}))
 
 
+MEMORY_WORKERS = 2
+
+
 def memory_by_stage(cfg, work: Path) -> dict[int, dict]:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -153,9 +156,9 @@ def memory_by_stage(cfg, work: Path) -> dict[int, dict]:
         out = work / f"memory-zero{stage}"
         out.mkdir(parents=True, exist_ok=True)
         TorchTrainer(count_engine_bytes, train_loop_config={"config": to_dict(cfg), "out": str(out)},
-                     scaling_config=ray.train.ScalingConfig(num_workers=2),
+                     scaling_config=ray.train.ScalingConfig(num_workers=MEMORY_WORKERS),
                      run_config=ray.train.RunConfig(name=f"memory-zero{stage}", storage_path=str(work / "ray"))).fit()
-        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(MEMORY_WORKERS)]
         results[stage] = {part: max(r[part] for r in ranks) for part in ranks[0]} | {"per_rank": ranks}
     return results
 
