@@ -24,18 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.encode import chunk_text  # noqa: E402
-from data.prepare import PrepareConfig, run_prepare  # noqa: E402
-from data.sources import stdlib_corpus  # noqa: E402
+from raylm.data.encode import chunk_text  # noqa: E402
+from raylm.data.prepare import PrepareConfig, run_prepare  # noqa: E402
+from raylm.data.sources import stdlib_corpus  # noqa: E402
 
 
 def stdlib_documents() -> list[str]:
     """The stdlib corpus's kept documents, as the pipeline cleans them (UTF-8, non-empty, unique)."""
     import pydoc_data.topics
 
-    from data.sources import stdlib_files
+    from raylm.data.sources import stdlib_files
 
     _, files = stdlib_files()
     texts = list(pydoc_data.topics.topics.values())
@@ -92,7 +91,7 @@ def main() -> int:
     parser.add_argument("--vocab-size", type=int, default=8192)
     args = parser.parse_args()
 
-    from raylm.ray_utils import init_ray
+    from raylm.core.ray_cluster import init_ray
 
     with tempfile.TemporaryDirectory(prefix="raylm-bench-prepare-") as tmp:
         tmp = Path(tmp)

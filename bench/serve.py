@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import torch  # noqa: E402
 
-from serving.engine import Engine, EngineConfig  # noqa: E402
-from serving.sampling import SamplingParams  # noqa: E402
+from raylm.inference.engine import Engine, EngineConfig  # noqa: E402
+from raylm.inference.sampling import SamplingParams  # noqa: E402
 
 CONTEXTS = (64, 512)
 CONCURRENCY = (1, 8, 32)
@@ -158,7 +157,7 @@ def serve_and_load(model_dir: Path, args, workdir: Path) -> tuple[list[dict], di
     import yaml
     from ray import serve
 
-    from serving.serve import DEFAULT_CONFIG, start_serving
+    from raylm.serving.serve import DEFAULT_CONFIG, start_serving
 
     cpus = os.cpu_count() or 2
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())

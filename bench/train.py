@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -38,14 +36,13 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
 # ---- the dataset -----------------------------------------------------------------------------------
 
 
 def ensure_dataset(data: str | None, work: Path, max_docs: int) -> Path:
     if data:
         return Path(data)
-    from data.prepare import main as prepare_main
+    from raylm.data.prepare import main as prepare_main
 
     out = work / "stdlib"
     if not (out / "manifest.json").is_file():
@@ -56,7 +53,7 @@ def ensure_dataset(data: str | None, work: Path, max_docs: int) -> Path:
 def train_rows(dataset_dir: Path) -> np.ndarray:
     import pyarrow.parquet as pq
 
-    from data.dataset_dir import shard_paths
+    from raylm.data.dataset_dir import shard_paths
 
     tables = [pq.read_table(p, columns=["input_ids"]) for p in shard_paths(dataset_dir, "train")]
     return np.concatenate([np.stack(t.column("input_ids").to_pylist()) for t in tables]).astype(np.int64)
@@ -67,8 +64,8 @@ def train_rows(dataset_dir: Path) -> np.ndarray:
 
 def bare_loop_tokens_per_s(cfg, rows: np.ndarray, global_batch: int, steps: int = 14, warmup: int = 4) -> float:
     """Single process, all cores: the same model, batch, AdamW and clipping as raylm's fp32 CPU path."""
-    from training.loop import learning_rate, param_groups
-    from training.model import Transformer
+    from raylm.model.transformer import Transformer
+    from raylm.training.loop import learning_rate, param_groups
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
@@ -115,10 +112,10 @@ def count_engine_bytes(loop_config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from raylm.config import from_dict
-    from training.config import TrainConfig
-    from training.deepspeed_config import build_ds_config
-    from training.loop import build_model, param_groups
+    from raylm.core.config import from_dict
+    from raylm.training.config import TrainConfig
+    from raylm.training.deepspeed_config import build_ds_config
+    from raylm.training.loop import build_model, param_groups
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -148,7 +145,7 @@ def memory_by_stage(cfg, work: Path) -> dict[int, dict]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raylm.config import to_dict
+    from raylm.core.config import to_dict
 
     results = {}
     for stage in (0, 1, 2, 3):
@@ -177,7 +174,7 @@ def print_memory(mem: dict[int, dict]) -> None:
 
 
 def pretrain(dataset_dir: Path, out: Path, minutes: float, expected_steps: int) -> list[dict]:
-    from training.pretrain import main
+    from raylm.training.pretrain import main
 
     main(["--config", "tiny", "--data", str(dataset_dir), "--out", str(out), "--num-workers", "2", "--zero-stage", "2",
           "max_steps=100000", f"max_time_s={minutes * 60}", f"schedule.total_steps={expected_steps}",
@@ -197,8 +194,8 @@ def main() -> int:
     work = Path(args.out or tempfile.mkdtemp(prefix="raylm-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    from raylm.ray_utils import init_ray
-    from training.config import global_batch, load_train_config
+    from raylm.core.ray_cluster import init_ray
+    from raylm.training.config import global_batch, load_train_config
 
     init_ray()  # as `raylm pretrain` does: join RAY_ADDRESS or start a local cluster
     if args.memory_only:

@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Iterator
 
-from raylm.errors import UserError
+from raylm.core.errors import UserError
 
 LOCAL_HEAD = "http://127.0.0.1:8265"
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.client import connect, job_errors_as_user_errors, resolve_address
-from cluster.submit import follow_logs, wait_until_done
-from raylm.entry import run_main
+from raylm.cluster.client import connect, job_errors_as_user_errors, resolve_address
+from raylm.cluster.submit import follow_logs, wait_until_done
+from raylm.core.entry import run_main
 
 FAILED_STATUSES = {"FAILED", "STOPPED"}
 

@@ -1,40 +1,32 @@
-"""What a submitted stage carries to the cluster: the project as working_dir, and the environment.
+"""What a submitted stage carries to the cluster: the raylm package as working_dir, and the environment.
 
-Ray zips `working_dir` and uploads it through the head (100 MiB at most), so everything that is
-output, cache or virtual environment stays behind. Credentials the stages read (W&B, Hugging Face,
-object storage) travel as env vars when they are set here; `--env KEY=VALUE` adds more.
+The job's working_dir is the package laid out as `pip install` lays it out: `raylm/` with the
+stage folders (data/, training/, serving/, cluster/) mapped inside it to raylm.data, ... (as in
+pyproject.toml). So `python -m raylm.training.pretrain` in the job runs exactly the submitter's
+code, whatever raylm the cluster's image has installed. Ray zips and uploads it through the head
+(100 MiB at most; the package is well under 1 MiB). Credentials the stages read (W&B, Hugging
+Face, object storage) travel as env vars when they are set here; `--env KEY=VALUE` adds more.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from raylm.errors import UserError
+from raylm.core.errors import UserError
 
-# gitignore-style patterns, relative to the project root. Leading "/" anchors a pattern at the
-# root: `data/` alone would also drop the `data` package, which is code the job needs.
-WORKING_DIR_EXCLUDES: list[str] = [
-    ".git/",
-    ".venv/",
-    "venv/",
-    "__pycache__/",
-    "*.pyc",
-    ".pytest_cache/",
-    "*.egg-info/",
-    "build/",
-    "dist/",
-    "/runs/",
-    "/out/",
-    "/outputs/",
-    "/datasets/",
-    "/wandb/",
-    "/checkpoints/",
-    "/.cache/",
-    "/.whl/",
-    "/.gl/",
-    "/.briefs/",
-]
+# Source folder of the checkout -> where it sits in the installed package (pyproject.toml's package-dir).
+PACKAGE_LAYOUT: dict[str, str] = {
+    "raylm": "raylm",
+    "data": "raylm/data",
+    "training": "raylm/training",
+    "serving": "raylm/serving",
+    "cluster": "raylm/cluster",
+}
+# Never shipped, wherever they appear.
+WORKING_DIR_EXCLUDES: list[str] = ["__pycache__/", "*.pyc"]
 
 # Variables a stage reads when they are set on the submitting machine: tracking, model hub and
 # object-storage credentials, the serving API key, and the settings that choose the device and
@@ -60,14 +52,23 @@ PASSED_THROUGH_ENV: list[str] = [
 
 
 def project_root() -> Path:
-    """The source checkout this package runs from: what every job needs on the cluster."""
+    """The source checkout this package runs from."""
     root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
+    if not all((root / folder).is_dir() for folder in PACKAGE_LAYOUT):
         raise UserError(
             f"raylm submit ships the project's source as the job's working_dir, but {root} is not a "
-            "source checkout (no pyproject.toml); run it from a clone installed with `pip install -e .`"
+            "source checkout; run it from a clone installed with `pip install -e .`"
         )
     return root
+
+
+def stage_package(root: Path) -> Path:
+    """A fresh dir holding the package as installed (see PACKAGE_LAYOUT), built from the checkout at `root`."""
+    staged = Path(tempfile.mkdtemp(prefix="raylm-job-"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder, target in PACKAGE_LAYOUT.items():
+        shutil.copytree(root / folder, staged / target, ignore=ignore, dirs_exist_ok=True)
+    return staged
 
 
 def parse_env_assignments(assignments: list[str]) -> dict[str, str]:
@@ -87,10 +88,10 @@ def passed_through_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {key: environ[key] for key in PASSED_THROUGH_ENV if environ.get(key)}
 
 
-def build_runtime_env(extra_env: dict[str, str], working_dir: Path | None = None) -> dict:
-    """The job's runtime_env: the project as working_dir, and env vars (`extra_env` wins)."""
+def build_runtime_env(extra_env: dict[str, str], project: Path | None = None) -> dict:
+    """The job's runtime_env: the staged package as working_dir, and env vars (`extra_env` wins)."""
     return {
-        "working_dir": str(working_dir or project_root()),
+        "working_dir": str(stage_package(project or project_root())),
         "excludes": list(WORKING_DIR_EXCLUDES),
         "env_vars": {**passed_through_env(), **extra_env},
     }

@@ -1,7 +1,7 @@
 """`raylm submit [--address URL] [--no-wait] [--env KEY=VALUE ...] -- <stage> <its arguments>`.
 
 Runs any stage as a Ray job: the entrypoint is `python -m <stage module> <arguments>` (the same
-program as `raylm <stage>`), the project is the job's working_dir, and credentials travel as env
+program as `raylm <stage>`), the raylm package is the job's working_dir, and credentials travel as env
 vars (see cluster/runtime_env.py). Prints the job id, follows the logs to the end and exits with
 the job's outcome: 0 when it SUCCEEDED, 1 when it FAILED or was STOPPED. `--no-wait` returns once
 the job is submitted.
@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
+import shutil
 import sys
 import time
 import uuid
 
-from cluster.client import connect, job_errors_as_user_errors, resolve_address
-from cluster.runtime_env import build_runtime_env, parse_env_assignments
-from raylm.entry import run_main
-from raylm.errors import UserError
+from raylm.cluster.client import connect, job_errors_as_user_errors, resolve_address
+from raylm.cluster.runtime_env import build_runtime_env, parse_env_assignments
+from raylm.core.entry import run_main
+from raylm.core.errors import UserError
 
 # Stages that make no sense as a job on the cluster: they talk to the cluster themselves.
 NOT_SUBMITTABLE = {"submit", "jobs"}
@@ -166,13 +167,17 @@ def submit(client, job_id: str, entrypoint: str, runtime_env: dict, stage: str) 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     entrypoint = build_entrypoint(args.stage, args.stage_args)
-    runtime_env = build_runtime_env({**stage_env(args.stage), **parse_env_assignments(args.env)})
+    extra_env = {**stage_env(args.stage), **parse_env_assignments(args.env)}
     url = resolve_address(args.address)
     client = connect(url)
     job_id = args.job_id or f"raylm-{args.stage}-{uuid.uuid4().hex[:8]}"
     try:
         with job_errors_as_user_errors(url, job_id):
-            submit(client, job_id, entrypoint, runtime_env, args.stage)
+            runtime_env = build_runtime_env(extra_env)
+            try:
+                submit(client, job_id, entrypoint, runtime_env, args.stage)
+            finally:
+                shutil.rmtree(runtime_env["working_dir"], ignore_errors=True)  # uploaded by now
             print(f"raylm submit: submitted job {job_id} to {url}: {entrypoint}", flush=True)
             if args.no_wait:
                 print(f"raylm submit: follow it with `raylm jobs logs {job_id} --follow`")

@@ -16,12 +16,8 @@ with its line number:
     no_assistant_turn         nothing to train on
 A file where no record survives is refused (UserError).
 
-The encoding (`encode_chat`) renders ChatML exactly as the tokenizer's chat template does,
-`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, and marks as trained (loss_mask true)
-the tokens of every assistant message's content and its closing `<|im_end|>` (the model learns
-to stop); the role headers, system and user turns and the newline after `<|im_end|>` are not
-trained. A token that straddles a header and the content (a content that starts with blank
-lines can merge with the header's newline) counts as header.
+
+The chat format itself (ChatML, the trained tokens) is `raylm.model.chat`.
 """
 
 from __future__ import annotations
@@ -30,69 +26,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
-from data.tokenizer import IM_END, IM_START, SPECIAL_TOKENS
-from raylm.errors import UserError
-
-ROLES = ("system", "user", "assistant")
-Message = dict[str, str]
-
-
-def render_chat(messages: list[Message], add_generation_prompt: bool = False) -> str:
-    """The ChatML text of `messages`, as the chat template renders it."""
-    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-
-
-def trained_spans(messages: list[Message]) -> list[tuple[int, int]]:
-    """Character spans of the rendered chat that are trained: assistant content + its <|im_end|>."""
-    spans = []
-    position = 0
-    for message in messages:
-        header = f"{IM_START}{message['role']}\n"
-        start = position + len(header)
-        end = start + len(message["content"]) + len(IM_END)
-        if message["role"] == "assistant":
-            spans.append((start, end))
-        position = end + 1  # the newline after <|im_end|>
-    return spans
-
-
-def encode_chat(tokenizer: Tokenizer, messages: list[Message]) -> tuple[list[int], list[bool]]:
-    """(ids, loss_mask) of a conversation; ids equal the chat template's, mask as in the module doc."""
-    check_messages(messages)
-    encoding = tokenizer.encode(render_chat(messages), add_special_tokens=False)
-    spans = trained_spans(messages)
-    mask = []
-    for start, end in encoding.offsets:
-        mask.append(any(span_start <= start and end <= span_end for span_start, span_end in spans))
-    return list(encoding.ids), mask
-
-
-def check_messages(messages: list[Message]) -> None:
-    reason = messages_problem(messages)
-    if reason is not None:
-        raise UserError(f"chat record is not valid ({reason}): {json.dumps(messages)[:200]}")
-
-
-def messages_problem(messages) -> str | None:
-    """The skip reason for a messages list, or None when it is a usable conversation."""
-    if not isinstance(messages, list) or not messages:
-        return "no_messages"
-    for message in messages:
-        if not isinstance(message, dict):
-            return "bad_message"
-        if message.get("role") not in ROLES:
-            return "bad_role"
-        content = message.get("content")
-        if not isinstance(content, str) or not content.strip():
-            return "empty_content"
-        if any(token in content for token in SPECIAL_TOKENS):
-            return "special_token_in_content"
-    if not any(message["role"] == "assistant" for message in messages):
-        return "no_assistant_turn"
-    return None
+from raylm.core.errors import UserError
+from raylm.model.chat import Message, messages_problem
 
 
 def record_messages(record) -> tuple[list[Message] | None, str | None]:

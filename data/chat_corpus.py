@@ -25,11 +25,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.chat import messages_problem
-from data.sources import stdlib_files
-from raylm.config import from_dict
-from raylm.entry import run_main
-from raylm.errors import UserError
+from raylm.core.config import from_dict
+from raylm.core.entry import run_main
+from raylm.core.errors import UserError
+from raylm.data.sources import stdlib_files
+from raylm.model.chat import messages_problem
 
 EXCLUDED_PACKAGES = {"test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages", "pydoc_data"}
 SYSTEM_PROMPTS = (

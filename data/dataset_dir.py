@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from raylm.errors import UserError
-from raylm.files import file_sha256
+from raylm.core.errors import UserError
+from raylm.core.files import file_sha256
 
 KIND = "raylm.dataset"
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from data.tokenizer import ENDOFTEXT
+from raylm.model.chat import ENDOFTEXT
 
 DEFAULT_CHUNK_CHARS = 4096
 

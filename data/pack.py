@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raylm.files import file_sha256
+from raylm.core.files import file_sha256
 
 ROW_GROUP_ROWS = 1024  # lets readers split a shard into blocks
 

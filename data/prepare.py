@@ -26,15 +26,20 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
-from data.encode import DEFAULT_CHUNK_CHARS, encode_documents
-from data.pack import ShardWriter
-from data.sources import Corpus, resolve_source
-from data.tokenizer import load_tokenizer, save_tokenizer, special_token_ids, train_tokenizer
 from raylm import __version__
-from raylm.config import from_dict
-from raylm.entry import run_main
-from raylm.errors import UserError
+from raylm.core.config import from_dict
+from raylm.core.entry import run_main
+from raylm.core.errors import UserError
+from raylm.data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
+from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents
+from raylm.data.pack import ShardWriter
+from raylm.data.sources import Corpus, resolve_source
+from raylm.data.tokenizer import (
+    load_tokenizer,
+    save_tokenizer,
+    special_token_map,
+    train_tokenizer,
+)
 
 
 @dataclass
@@ -232,7 +237,7 @@ def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer
         "dtype": writers["train"].dtype.name,
         "tokenizer_sha256": tokenizer_sha,
         "tokenizer": tokenizer_info,
-        "special_tokens": special_token_ids(tokenizer),
+        "special_tokens": special_token_map(tokenizer),
         "documents": documents,
         "tokens": {"produced": produced, "separators": documents["kept"], "written": written, "tail_dropped": tail},
         "splits": splits,
@@ -265,7 +270,7 @@ def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float)
 
 def run_prepare(cfg: PrepareConfig) -> dict:
     """Build the dataset dir `cfg.out` (or keep a complete one); return its manifest."""
-    from raylm.ray_utils import init_ray
+    from raylm.core.ray_cluster import init_ray
 
     started = time.perf_counter()
     out = Path(cfg.out)

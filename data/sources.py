@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 
-from data.documents import CORPUS_EXTENSIONS, parse_files, parse_records
-from raylm.errors import UserError
+from raylm.core.errors import UserError
+from raylm.data.documents import CORPUS_EXTENSIONS, parse_files, parse_records
 
 if TYPE_CHECKING:
     import ray.data

@@ -16,23 +16,18 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from raylm.files import file_sha256
-from raylm.errors import UserError
-
-ENDOFTEXT = "<|endoftext|>"  # document separator; also bos and eos
-PAD = "<|pad|>"
-IM_START = "<|im_start|>"  # ChatML: opens a message, followed by its role and a newline
-IM_END = "<|im_end|>"  # ChatML: closes a message; what a chat model emits when it is done
-SPECIAL_TOKENS = (ENDOFTEXT, PAD, IM_START, IM_END)
-SPECIAL_TOKEN_NAMES = {"endoftext": ENDOFTEXT, "pad": PAD, "im_start": IM_START, "im_end": IM_END}
-
-# ChatML. Kept in step with data.chat.render_chat, which tests check against this template.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+from raylm.core.errors import UserError
+from raylm.core.files import file_sha256
+from raylm.model.chat import (
+    CHAT_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    PAD,
+    SPECIAL_TOKEN_NAMES,
+    SPECIAL_TOKENS,
 )
+from raylm.model.chat import load_tokenizer as load_tokenizer_file
 
 # 256 byte symbols + the special tokens: a smaller vocabulary has no room for any merge.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
@@ -62,19 +57,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer.json file, or a directory holding one (a HF tokenizer or model dir)."""
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"--tokenizer {str(path)!r}: expected a tokenizer.json file or a directory that holds one")
-    try:
-        tokenizer = Tokenizer.from_file(str(file))
-    except Exception as err:  # tokenizers raises a plain Exception for a malformed file
-        raise UserError(f"--tokenizer {str(file)!r} is not a valid tokenizers JSON file: {err}") from None
+    """A tokenizer to reuse (`--tokenizer`), with the special tokens the dataset contract needs."""
+    tokenizer = load_tokenizer_file(path)
     missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
     if missing:
-        # A reused tokenizer gains the tokens the dataset contract needs (its vocabulary grows).
-        tokenizer.add_special_tokens(missing)
+        tokenizer.add_special_tokens(missing)  # a reused tokenizer gains them (its vocabulary grows)
     return tokenizer
 
 
@@ -103,5 +90,5 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path, seq_len: int) ->
     return file_sha256(directory / "tokenizer.json")
 
 
-def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+def special_token_map(tokenizer: Tokenizer) -> dict[str, int]:
     return {name: tokenizer.token_to_id(token) for name, token in SPECIAL_TOKEN_NAMES.items()}

@@ -1,7 +1,7 @@
 """`raylm`: one subcommand per stage.
 
 Each subcommand is a module with `main(argv) -> int`, so `raylm pretrain ...` and
-`python -m training.pretrain ...` are the same program (the second form is what a Ray job with
+`python -m raylm.training.pretrain ...` are the same program (the second form is what a Ray job with
 `--working-dir .` runs). Modules are imported only when their subcommand runs, so `raylm --help`
 stays fast.
 """
@@ -11,18 +11,18 @@ from __future__ import annotations
 import importlib
 import sys
 
-from raylm.errors import UserError
+from raylm.core.errors import UserError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("data.prepare", "corpus -> tokenizer + packed Parquet shards (a dataset dir)"),
-    "prepare-chat": ("data.chat_corpus", "write the embedded chat set (JSONL) for fine-tuning"),
-    "pretrain": ("training.pretrain", "train a model from scratch on a dataset dir"),
-    "finetune": ("training.finetune", "chat SFT of a model dir on a chat JSONL"),
-    "generate": ("training.generate", "sample from a model dir locally"),
-    "serve": ("serving.serve", "serve a model dir behind an OpenAI-compatible API"),
-    "submit": ("cluster.submit", "run any stage as a Ray job on a cluster"),
-    "jobs": ("cluster.jobs", "status, logs or stop of a submitted Ray job"),
+    "prepare": ("raylm.data.prepare", "corpus -> tokenizer + packed Parquet shards (a dataset dir)"),
+    "prepare-chat": ("raylm.data.chat_corpus", "write the embedded chat set (JSONL) for fine-tuning"),
+    "pretrain": ("raylm.training.pretrain", "train a model from scratch on a dataset dir"),
+    "finetune": ("raylm.training.finetune", "chat SFT of a model dir on a chat JSONL"),
+    "generate": ("raylm.inference.generate", "sample from a model dir locally"),
+    "serve": ("raylm.serving.serve", "serve a model dir behind an OpenAI-compatible API"),
+    "submit": ("raylm.cluster.submit", "run any stage as a Ray job on a cluster"),
+    "jobs": ("raylm.cluster.jobs", "status, logs or stop of a submitted Ray job"),
     "demo": ("raylm.demo", "the whole journey on the embedded corpus"),
 }
 

@@ -22,10 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raylm.entry import run_main
-from raylm.errors import UserError
+from raylm.core.entry import run_main
+from raylm.core.errors import UserError
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
 QUESTIONS = [
     "What does `json.dumps` do?",
     "What does `os.path.join` do?",
@@ -40,7 +39,7 @@ class Recipe:
     """What the demo runs: the full recipes, or the quick (debug) ones."""
 
     prepare_args: list[str]
-    pretrain_config: str
+    pretrain_config: str  # a built-in recipe name (training/configs/)
     pretrain_overrides: list[str]
     chat_records: int
     finetune_config: str
@@ -52,19 +51,19 @@ class Recipe:
 # evaluates, checkpoints and exports as if it had reached max_steps.
 FULL = Recipe(
     prepare_args=["--vocab-size", "8192", "--seq-len", "256"],
-    pretrain_config="tiny.yaml",
+    pretrain_config="tiny",
     pretrain_overrides=["max_time_s=420"],
     chat_records=4000,
-    finetune_config="sft-tiny.yaml",
+    finetune_config="sft-tiny",
     finetune_overrides=["max_time_s=200"],
     max_tokens=48,
 )
 QUICK = Recipe(
     prepare_args=["--max-docs", "300", "--vocab-size", "512", "--seq-len", "64"],
-    pretrain_config="debug.yaml",
+    pretrain_config="debug",
     pretrain_overrides=["max_steps=6", "data.seq_len=64", "logging.wandb_mode=auto"],
     chat_records=200,
-    finetune_config="sft-debug.yaml",
+    finetune_config="sft-debug",
     finetune_overrides=["max_steps=4"],
     max_tokens=16,
 )
@@ -148,14 +147,14 @@ def call_stage(module_name: str, argv: list[str]) -> None:
 
 
 def prepare_dataset(demo: DemoRun) -> None:
-    call_stage("data.prepare", ["--source", "stdlib", "--out", str(demo.dataset_dir), *demo.recipe.prepare_args])
+    call_stage("raylm.data.prepare", ["--source", "stdlib", "--out", str(demo.dataset_dir), *demo.recipe.prepare_args])
 
 
 def pretrain(demo: DemoRun) -> None:
     call_stage(
-        "training.pretrain",
+        "raylm.training.pretrain",
         [
-            "--config", str(REPO_CONFIGS / demo.recipe.pretrain_config),
+            "--config", demo.recipe.pretrain_config,
             "--data", str(demo.dataset_dir),
             "--out", str(demo.pretrain_dir),
             "--num-workers", str(demo.num_workers),
@@ -166,14 +165,14 @@ def pretrain(demo: DemoRun) -> None:
 
 
 def prepare_chat(demo: DemoRun) -> None:
-    call_stage("data.chat_corpus", ["--source", "stdlib", "--out", str(demo.chat_file), "--max-records", str(demo.recipe.chat_records)])
+    call_stage("raylm.data.chat_corpus", ["--source", "stdlib", "--out", str(demo.chat_file), "--max-records", str(demo.recipe.chat_records)])
 
 
 def finetune(demo: DemoRun) -> None:
     call_stage(
-        "training.finetune",
+        "raylm.training.finetune",
         [
-            "--config", str(REPO_CONFIGS / demo.recipe.finetune_config),
+            "--config", demo.recipe.finetune_config,
             "--base", str(demo.pretrain_dir / "model"),
             "--data", str(demo.chat_file),
             "--out", str(demo.finetune_dir),
@@ -272,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     demo = DemoRun(out=out, recipe=QUICK if args.quick else FULL, num_workers=args.num_workers)
 
-    from raylm.ray_utils import init_ray
-
     import ray
+
+    from raylm.core.ray_cluster import init_ray
 
     started_ray = not ray.is_initialized()
     # The train loop prints a line per logged step; Ray Data's per-worker bars would bury it.
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     answers: list[tuple[str, str]] = []
     serving = False
     try:
-        from data.dataset_dir import read_dataset_manifest
+        from raylm.data.dataset_dir import read_dataset_manifest
 
         def dataset_complete() -> bool:
             try:
@@ -297,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(demo, 3, "prepare-chat", demo.chat_file.is_file(), lambda: prepare_chat(demo), "embedded chat set")
         run_stage(demo, 4, "finetune", model_dir_complete(demo.finetune_dir), lambda: finetune(demo), "chat SFT")
 
-        from serving.serve import start_serving
+        from raylm.serving.serve import start_serving
 
         base_url = ""
 

@@ -23,8 +23,8 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from serving.engine import EngineLoop, InvalidRequest, Output
-from serving.protocol import (
+from raylm.inference.engine import EngineLoop, InvalidRequest, Output
+from raylm.serving.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,

@@ -1,7 +1,7 @@
 """The Ray Serve side: the `LLMServer` deployment (one engine per replica) and the app builder.
 
 `build_app(args)` is the `import_path` of serving/configs/serve.yaml, so `serve run` / `serve deploy`
-of that file (or `serve run serving.app:build_app model=DIR`) build the same app that
+of that file (or `serve run raylm.serving.app:build_app model=DIR`) build the same app that
 `raylm serve` runs. Deployment options (autoscaling, queue limits, CPUs/GPUs per replica, health
 checks, graceful shutdown) come from the config file; the decorator's values are the fallbacks
 when the builder is run bare.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ray import serve
 
-from raylm.config import from_dict, parse_override
-from raylm.errors import UserError
+from raylm.core.config import from_dict, parse_override
+from raylm.core.errors import UserError
 
 API_KEY_ENV = "RAYLM_API_KEY"
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def export_engine_metrics(engine, stop: threading.Event, period_s: float = 2.0) 
 @serve.ingress()
 class LLMServer:
     def __init__(self, args: AppArgs):
-        from serving.engine import Engine, EngineConfig, EngineLoop
+        from raylm.inference.engine import Engine, EngineConfig, EngineLoop
 
         config = EngineConfig(
             max_batch_size=args.max_batch_size,
@@ -101,7 +101,7 @@ class LLMServer:
         log.info("raylm engine ready: %s on %s, %d slots", args.model, self.loop.engine.device, config.max_batch_size)
 
     def __serve_build_asgi_app__(self):
-        from serving.api import ApiSettings, build_api
+        from raylm.serving.api import ApiSettings, build_api
 
         settings = ApiSettings(
             model_name=self.args.model_name or Path(self.args.model).name,
@@ -121,7 +121,7 @@ class LLMServer:
 
 
 def build_app(args: dict) -> serve.Application:
-    """The app builder of `import_path: serving.app:build_app` (Serve passes exactly the args dict)."""
+    """The app builder of `import_path: raylm.serving.app:build_app` (Serve passes exactly the args dict)."""
     return configured_app(args, None)
 
 

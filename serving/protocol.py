@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.sampling import SamplingParams, TokenChoice
+from raylm.inference.sampling import SamplingParams, TokenChoice
 
 
 class ApiError(Exception):

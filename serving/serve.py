@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from raylm.entry import run_main
-from raylm.errors import UserError
+from raylm.core.entry import run_main
+from raylm.core.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "serve.yaml"
 
@@ -29,7 +29,7 @@ def read_serve_config(path: str | Path):
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
-    from raylm.config import read_yaml
+    from raylm.core.config import read_yaml
 
     try:
         config = ServeDeploySchema(**read_yaml(path))
@@ -40,8 +40,8 @@ def read_serve_config(path: str | Path):
     if not config.applications:
         raise UserError(f"serve config {str(path)!r} has no applications")
     app = config.applications[0]
-    if app.import_path != "serving.app:build_app":
-        raise UserError(f"serve config {str(path)!r}: import_path is {app.import_path!r}, expected 'serving.app:build_app'")
+    if app.import_path != "raylm.serving.app:build_app":
+        raise UserError(f"serve config {str(path)!r}: import_path is {app.import_path!r}, expected 'raylm.serving.app:build_app'")
     if len(app.deployments) > 1:
         raise UserError(f"serve config {str(path)!r}: expected one deployment (LLMServer), found {len(app.deployments)}")
     return app
@@ -61,9 +61,9 @@ def start_serving(
     """
     from ray import serve
 
-    from raylm.ray_utils import init_ray
-    from serving.app import API_KEY_ENV, configured_app
-    from training.model_dir import read_model_config
+    from raylm.core.ray_cluster import init_ray
+    from raylm.model.model_dir import read_model_config
+    from raylm.serving.app import API_KEY_ENV, configured_app
 
     read_model_config(model_dir)  # a bad model dir fails here, in one line, not inside a replica
     application = read_serve_config(config or DEFAULT_CONFIG)
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
-    from raylm.ray_utils import init_ray
-    from training.model_dir import read_model_config
+    from raylm.core.ray_cluster import init_ray
+    from raylm.model.model_dir import read_model_config
 
     # Fail on a bad model dir or config before paying for a Ray cluster.
     read_model_config(args.model)

@@ -13,9 +13,8 @@ def make_dataset_dir(path: Path, tokenizer_dir: Path, seq_len: int = 32, train_r
     """A dataset dir with learnable rows: token ids of the tiny tokenizer's sample text, cut into windows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from tokenizers import Tokenizer
-
     from tiny_artifacts import SAMPLE_TEXT
+    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     eot = tok.token_to_id("<|endoftext|>")

@@ -8,11 +8,13 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from data.chat import encode_chat, read_chat_jsonl, render_chat
-from data.chat_corpus import build_chat_records, main as prepare_chat_main
-from data.sources import stdlib_files
-from data.tokenizer import IM_END, save_tokenizer, train_tokenizer
-from raylm.errors import UserError
+from raylm.core.errors import UserError
+from raylm.data.chat import read_chat_jsonl
+from raylm.data.chat_corpus import build_chat_records
+from raylm.data.chat_corpus import main as prepare_chat_main
+from raylm.data.sources import stdlib_files
+from raylm.data.tokenizer import save_tokenizer, train_tokenizer
+from raylm.model.chat import IM_END, encode_chat, render_chat
 
 
 @pytest.fixture(scope="module")

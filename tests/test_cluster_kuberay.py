@@ -187,10 +187,10 @@ def test_runtime_env_validates_with_no_unknown_keys():
 
 
 def test_rayjob_runs_pretraining_with_a_recipe_that_exists():
-    from training.config import recipe_path
+    from raylm.training.config import recipe_path
 
     (job,) = manifests_of_kind("RayJob")
     command = shlex.split(job["spec"]["entrypoint"])
-    assert command[:3] == ["python", "-m", "training.pretrain"]
+    assert command[:3] == ["python", "-m", "raylm.training.pretrain"]
     recipe = command[command.index("--config") + 1]
     assert recipe_path(recipe).is_file(), f"the RayJob's recipe {recipe!r} is not in training/configs/"

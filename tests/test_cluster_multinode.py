@@ -37,8 +37,8 @@ def run_two_node_pretrain(workdir: Path) -> dict:
     try:
         workers = [cluster.add_node(**node, num_cpus=2, resources={"train_slot": 1}) for _ in range(2)]
         ray.init(address=cluster.address)
-        from data.prepare import main as prepare
-        from training.pretrain import main as pretrain
+        from raylm.data.prepare import main as prepare
+        from raylm.training.pretrain import main as pretrain
 
         dataset, run = workdir / "ds", workdir / "run"
         assert prepare(["--source", "stdlib", "--max-docs", "80", "--val-fraction", "0.2", "--vocab-size", "512",

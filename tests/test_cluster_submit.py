@@ -6,18 +6,22 @@ import zipfile
 
 import pytest
 
-from cluster.client import resolve_address
-from cluster.runtime_env import build_runtime_env, parse_env_assignments, passed_through_env
-from cluster.submit import build_entrypoint
 from raylm.cli import main as raylm
-from raylm.errors import UserError
+from raylm.cluster.client import resolve_address
+from raylm.cluster.runtime_env import (
+    build_runtime_env,
+    parse_env_assignments,
+    passed_through_env,
+)
+from raylm.cluster.submit import build_entrypoint
+from raylm.core.errors import UserError
 
 
 def test_entrypoint_is_the_stage_module_with_its_arguments_quoted():
     assert build_entrypoint("pretrain", ["--config", "debug", "--out", "s3://b/my run"]) == (
-        "python -m training.pretrain --config debug --out 's3://b/my run'"
+        "python -m raylm.training.pretrain --config debug --out 's3://b/my run'"
     )
-    assert build_entrypoint("serve", ["--model", "m"]) == "python -m serving.serve --model m"
+    assert build_entrypoint("serve", ["--model", "m"]) == "python -m raylm.serving.serve --model m"
 
 
 @pytest.mark.parametrize("stage", ["nope", "submit", "jobs"])
@@ -49,22 +53,27 @@ def test_address_flag_then_environment_then_local_head(monkeypatch):
     assert resolve_address("http://other:8265") == "http://other:8265"
 
 
-def test_working_dir_ships_code_and_leaves_outputs_and_venvs_behind(tmp_path):
+def test_working_dir_ships_the_package_as_installed_and_nothing_else(tmp_path):
     from ray._private.runtime_env.packaging import create_package
 
     project = tmp_path / "project"
     for name in [
-        "pyproject.toml", "data/__init__.py", "data/prepare.py", "training/configs/debug.yaml",
-        "runs/r1/checkpoint.pt", "out/demo/x", "wandb/run/x.wandb", ".venv/bin/python",
-        "data/__pycache__/prepare.cpython-311.pyc", ".git/HEAD", "datasets/ds/train.parquet",
+        "pyproject.toml", "raylm/__init__.py", "raylm/cli.py", "data/__init__.py", "data/prepare.py",
+        "training/__init__.py", "training/configs/debug.yaml", "serving/__init__.py", "cluster/__init__.py",
+        "runs/r1/checkpoint.pt", "wandb/run/x.wandb", ".venv/bin/python", "data/__pycache__/prepare.cpython-311.pyc",
+        ".git/HEAD", "bench/train.py", "tests/test_x.py",
     ]:  # fmt: skip
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).write_text("x")
-    runtime_env = build_runtime_env({}, working_dir=project)
+    runtime_env = build_runtime_env({}, project=project)
     package = tmp_path / "package.zip"
     create_package(runtime_env["working_dir"], package, include_gitignore=True, excludes=runtime_env["excludes"])
     shipped = {name for name in zipfile.ZipFile(package).namelist() if not name.endswith("/")}
-    assert shipped == {"pyproject.toml", "data/__init__.py", "data/prepare.py", "training/configs/debug.yaml"}
+    assert shipped == {
+        "raylm/__init__.py", "raylm/cli.py", "raylm/data/__init__.py", "raylm/data/prepare.py",
+        "raylm/training/__init__.py", "raylm/training/configs/debug.yaml", "raylm/serving/__init__.py",
+        "raylm/cluster/__init__.py",
+    }  # fmt: skip
 
 
 def test_no_cluster_is_a_plain_error(capsys):

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from data.dataset_dir import read_dataset_manifest, shard_paths, tokenizer_dir
-from data.prepare import PrepareConfig, run_prepare
-from data.sources import hash_order, resolve_source, stdlib_files
-from raylm.errors import UserError
+from raylm.core.errors import UserError
+from raylm.data.dataset_dir import read_dataset_manifest, shard_paths, tokenizer_dir
+from raylm.data.prepare import PrepareConfig, run_prepare
+from raylm.data.sources import hash_order, resolve_source, stdlib_files
 
 STDLIB_SETTINGS = dict(max_docs=150, vocab_size=512, seq_len=64, val_fraction=0.2, shard_tokens=200_000, tokenizer_sample_bytes=1_000_000)
 

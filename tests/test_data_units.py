@@ -12,12 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from data.documents import file_documents
-from data.encode import chunk_text, encode_texts
-from data.pack import ShardWriter
-from data.sources import parse_hf_spec, stdlib_files
-from data.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
-from raylm.errors import UserError
+from raylm.core.errors import UserError
+from raylm.data.documents import file_documents
+from raylm.data.encode import chunk_text, encode_texts
+from raylm.data.pack import ShardWriter
+from raylm.data.sources import parse_hf_spec, stdlib_files
+from raylm.data.tokenizer import (
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +91,7 @@ def test_chunked_encoding_equals_whole_document_encoding(tokenizer):
 
 
 def test_reused_tokenizer_gains_missing_special_tokens(tmp_path, tokenizer):
-    from data.tokenizer import new_bpe_tokenizer
+    from raylm.data.tokenizer import new_bpe_tokenizer
 
     plain = new_bpe_tokenizer()
     plain.add_tokens(["a", "b"])

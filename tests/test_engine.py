@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.engine import Engine, EngineConfig, InvalidRequest
-from serving.sampling import SamplingParams, apply_penalties, choose_token, filter_top_k_top_p, new_generator
-from serving.text import TextStream
+from raylm.inference.detokenize import TextStream
+from raylm.inference.engine import Engine, EngineConfig, InvalidRequest
+from raylm.inference.sampling import (
+    SamplingParams,
+    apply_penalties,
+    choose_token,
+    filter_top_k_top_p,
+    new_generator,
+)
 
 PROMPTS = ["def add(a, b):", "import os\nprint(", "The json module encodes", "class Point:\n    def"]
 

@@ -17,8 +17,8 @@ VOCAB = 1024
 
 def train_tokenizer(records: list[list[dict]], path):
     """A small ChatML byte-level BPE fitted to the chat records, in the dataset-dir tokenizer form."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from tiny_artifacts import CHATML_TEMPLATE, SPECIAL_TOKENS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -35,8 +35,9 @@ def train_tokenizer(records: list[list[dict]], path):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, ray_cluster):
-    from data.chat import read_chat_jsonl
     from tiny_artifacts import make_model_dir
+
+    from raylm.data.chat import read_chat_jsonl
 
     root = tmp_path_factory.mktemp("sft")
     chat = root / "stdlib-chat.jsonl"

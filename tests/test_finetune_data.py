@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from raylm.errors import UserError
-from training.sft_data import SftDataConfig, build_sft_rows, encode_rows, load_tokenizer, split_records
+from raylm.core.errors import UserError
+from raylm.training.sft_data import (
+    SftDataConfig,
+    build_sft_rows,
+    encode_rows,
+    split_records,
+)
+from raylm.training.sft_data import load_base_tokenizer as load_tokenizer
 
 MULTI_TURN = [
     {"role": "system", "content": "You answer questions about Python's standard library."},
@@ -26,7 +32,7 @@ MULTI_TURN = [
 @pytest.fixture(scope="module")
 def stdlib_chat(tmp_path_factory):
     """The embedded chat set, as `raylm prepare-chat --source stdlib` writes it (a small slice)."""
-    from data.chat_corpus import main as prepare_chat
+    from raylm.data.chat_corpus import main as prepare_chat
 
     path = tmp_path_factory.mktemp("chat") / "stdlib-chat.jsonl"
     assert prepare_chat(["--source", "stdlib", "--out", str(path), "--max-records", "200"]) == 0
@@ -53,7 +59,7 @@ def assert_mask_is_assistant_turns(tokenizer: Tokenizer, messages: list[dict], r
 
 
 def test_trained_positions_decode_to_the_assistant_turns_of_real_records(stdlib_chat, tokenizer_dir):
-    from data.chat import read_chat_jsonl
+    from raylm.data.chat import read_chat_jsonl
 
     records, _ = read_chat_jsonl(str(stdlib_chat))
     records = records[:60] + [MULTI_TURN]

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raylm.errors import UserError
-from training.finetune import load_finetune_config, main as finetune_main
-from training.model_dir import load_model_dir
+from raylm.core.errors import UserError
+from raylm.model.model_dir import load_model_dir
+from raylm.training.finetune import load_finetune_config
+from raylm.training.finetune import main as finetune_main
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raylm.cli import main as raylm_main
-from training.generate import generate_texts
+from raylm.inference.generate import generate_texts
 
 
 def transformers_greedy_text(model_dir, prompt: str, max_new_tokens: int, chat: bool = False) -> str:

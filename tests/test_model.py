@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-
-from raylm.errors import UserError
-from training.model import KVCache, ModelConfig, Transformer, count_params
 from tiny_artifacts import make_tokenizer_dir
-from training.model_dir import load_model_dir, save_model_dir
+
+from raylm.core.errors import UserError
+from raylm.model.model_dir import load_model_dir, save_model_dir
+from raylm.model.transformer import KVCache, ModelConfig, Transformer, count_params
 
 transformers = pytest.importorskip("transformers")
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from pretrain_helpers import read_wandb_history
-from raylm.errors import UserError
+
+from raylm.core.errors import UserError
 
 STEPS = 24
 BASE = [f"max_steps={STEPS}", "checkpoint.every=8", "eval.every=12", "logging.every=1", "schedule.total_steps=24"]
@@ -33,7 +33,7 @@ KILL = ["faults.kill_rank=1", "faults.kill_at_step=10"]
 
 @pytest.fixture(scope="module")
 def dataset_dir(ray_cluster, tmp_path_factory) -> Path:
-    from data.prepare import main as prepare_main
+    from raylm.data.prepare import main as prepare_main
 
     out = tmp_path_factory.mktemp("pretrain-data") / "stdlib"
     argv = ["--source", "stdlib", "--out", str(out), "--max-docs", "30", "--vocab-size", "400", "--seq-len", "32",
@@ -48,7 +48,7 @@ def runs_root(tmp_path_factory) -> Path:
 
 
 def pretrain(dataset_dir: Path, out: Path, *overrides: str, workers: int = 2) -> Path:
-    from training.pretrain import main
+    from raylm.training.pretrain import main
 
     argv = ["--config", "debug", "--data", str(dataset_dir), "--out", str(out), "--num-workers", str(workers), *BASE, *overrides]
     assert main(argv) == 0
@@ -192,7 +192,7 @@ def test_resume_at_a_different_worker_count(dataset_dir, runs_root, crashed, zer
 def test_zero3_export_loads_in_transformers_with_equal_logits(zero3):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from training.model_dir import load_model_dir
+    from raylm.model.model_dir import load_model_dir
 
     model_dir = zero3 / "model"
     ours, cfg = load_model_dir(model_dir)
@@ -208,7 +208,7 @@ def test_zero3_export_loads_in_transformers_with_equal_logits(zero3):
 def test_greedy_generate_matches_transformers(zero3):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from training.generate import generate_texts
+    from raylm.inference.generate import generate_texts
 
     model_dir = zero3 / "model"
     prompt = "import os\n"
@@ -241,14 +241,14 @@ def test_wandb_offline_run_holds_the_loss_history(zero2):
      ("deepspeed.offload_params=true", "deepspeed.offload_params")],
 )
 def test_config_errors_name_the_key(override, named):
-    from training.config import load_train_config
+    from raylm.training.config import load_train_config
 
     with pytest.raises(UserError, match=named.replace(".", r"\.")):
         load_train_config("debug", [override])
 
 
 def test_a_dataset_that_does_not_fit_the_config_is_refused(dataset_dir):
-    from training.pretrain import main
+    from raylm.training.pretrain import main
 
     with pytest.raises(UserError, match=r"seq_len is 32 but data\.seq_len is 16"):
         main(["--config", "debug", "--data", str(dataset_dir), "--out", "/tmp/never-written", "data.seq_len=16"])
@@ -257,7 +257,7 @@ def test_a_dataset_that_does_not_fit_the_config_is_refused(dataset_dir):
 
 
 def test_fp16_is_refused_on_cpu():
-    from training.deepspeed_config import resolve_precision
+    from raylm.training.deepspeed_config import resolve_precision
 
     with pytest.raises(UserError, match="fp16 needs GPUs"):
         resolve_precision("fp16", use_gpu=False)

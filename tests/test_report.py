@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from raylm.errors import UserError
-from training.report import main, write_report
+from raylm.core.errors import UserError
+from raylm.training.report import main, write_report
 
 
 def write_run_dir(path, steps=40, eval_every=10, torn_tail=False):
@@ -122,7 +122,7 @@ def test_cli_attaches_the_plots_to_the_run_dirs_own_wandb_run(tmp_path, monkeypa
 def test_default_samples_are_continuations_by_the_runs_model(tmp_path, tokenizer_dir):
     from tiny_artifacts import make_model_dir
 
-    from training.report import DEFAULT_PROMPTS
+    from raylm.training.report import DEFAULT_PROMPTS
 
     run_dir = write_run_dir(tmp_path / "run")
     make_model_dir(run_dir / "model", tokenizer_dir)

@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import yaml
-
-from serving.engine import Engine, EngineConfig
-from serving.sampling import SamplingParams
-from serving.serve import DEFAULT_CONFIG
 from tiny_artifacts import make_model_dir
+
+from raylm.inference.engine import Engine, EngineConfig
+from raylm.inference.sampling import SamplingParams
+from raylm.serving.serve import DEFAULT_CONFIG
 
 openai = pytest.importorskip("openai")
 
@@ -48,7 +48,7 @@ def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.25):
 def server(ray_cluster, tokenizer_dir, tmp_path_factory):
     from ray import serve
 
-    from serving.serve import start_serving
+    from raylm.serving.serve import start_serving
 
     root = tmp_path_factory.mktemp("serving")
     model_dir = make_model_dir(root / MODEL, tokenizer_dir, max_seq_len=2048)
@@ -249,7 +249,7 @@ def running_replicas(app: str) -> int:
 def deploy_side_app(server, name: str, options: dict) -> str:
     from ray import serve
 
-    from serving.app import configured_app
+    from raylm.serving.app import configured_app
 
     app = configured_app({"model": str(server[1]), "model_name": MODEL, "max_batch_size": 8}, options)
     serve.run(app, name=name, route_prefix=f"/{name}")

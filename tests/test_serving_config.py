@@ -7,9 +7,9 @@ import inspect
 import pytest
 import yaml
 
-from raylm.errors import UserError
-from serving.app import build_app, parse_app_args
-from serving.serve import DEFAULT_CONFIG, read_serve_config
+from raylm.core.errors import UserError
+from raylm.serving.app import build_app, parse_app_args
+from raylm.serving.serve import DEFAULT_CONFIG, read_serve_config
 
 
 def test_serve_yaml_is_a_serve_config_for_our_builder_with_limits_and_autoscaling():
@@ -19,7 +19,7 @@ def test_serve_yaml_is_a_serve_config_for_our_builder_with_limits_and_autoscalin
     ServeDeploySchema(**raw)
     assert raw["http_options"]["host"] == "127.0.0.1"
     app = read_serve_config(DEFAULT_CONFIG)
-    assert app.import_path == "serving.app:build_app"
+    assert app.import_path == "raylm.serving.app:build_app"
     [deployment] = app.deployments
     assert deployment.name == "LLMServer" and deployment.max_queued_requests > 0
     assert deployment.autoscaling_config["min_replicas"] < deployment.autoscaling_config["max_replicas"]

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from raylm.errors import UserError
-from training.config import global_batch, grad_accum, load_train_config
-from training.deepspeed_config import build_ds_config
-from training.loop import global_batches, learning_rate
-from training.tracking import truncate_metrics
+from raylm.core.errors import UserError
+from raylm.training.config import global_batch, grad_accum, load_train_config
+from raylm.training.deepspeed_config import build_ds_config
+from raylm.training.loop import global_batches, learning_rate
+from raylm.training.tracking import truncate_metrics
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():

@@ -54,8 +54,8 @@ def make_model_dir(path: Path, tokenizer_dir: Path, seed: int = 0, **model_overr
     import torch
     from tokenizers import Tokenizer
 
-    from training.model import ModelConfig, Transformer
-    from training.model_dir import save_model_dir
+    from raylm.model.model_dir import save_model_dir
+    from raylm.model.transformer import ModelConfig, Transformer
 
     vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
     fields = dict(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256)

@@ -1,7 +1,7 @@
 """The training config: one typed dataclass tree, loaded from a recipe YAML plus `key=value` overrides.
 
 Pretraining and fine-tuning share it (they run the same loop). `load_train_config` is the one
-way in: it rejects unknown or ill-typed keys by their dotted name (raylm.config) and checks the
+way in: it rejects unknown or ill-typed keys by their dotted name (raylm.core.config) and checks the
 sections against each other. Batch arithmetic lives here too, so the driver, the workers and the
 docs agree on what "global batch" means.
 """
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
-from raylm.config import load_config
-from raylm.errors import UserError
-from training.model import ModelConfig
+from raylm.core.config import load_config
+from raylm.core.errors import UserError
+from raylm.model.transformer import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -18,8 +18,8 @@ import copy
 import json
 from pathlib import Path
 
-from raylm.errors import UserError
-from training.config import TrainConfig, grad_accum
+from raylm.core.errors import UserError
+from raylm.training.config import TrainConfig, grad_accum
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:

@@ -6,7 +6,7 @@ What differs from pretraining is only the dataset and the starting weights: the 
 padded rows of `input_ids` + `loss_mask` (training/sft_data.py says the rules), the weights and the
 model config come from `--base` (any Hugging Face Llama-format dir: ours, or an open model on disk),
 and the tokenizer is the base's own. The loop, DeepSpeed, checkpoints, exact resume and W&B are
-pretraining's, through `training.pretrain.run_training(..., kind="finetune")`.
+pretraining's, through `raylm.training.pretrain.run_training(..., kind="finetune")`.
 
 Around the training run, on the driver: the held-out SFT loss of the base and of the result, and
 greedy answers of both to a few fixed prompts. They go to RUN_DIR/finetune.json and the run's
@@ -26,11 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylm.config import load_config
-from raylm.entry import run_main
-from raylm.errors import UserError
-from training.config import TrainConfig
-from training.sft_data import SftDataConfig, SftRows, build_sft_rows, to_ray_dataset
+from raylm.core.config import load_config
+from raylm.core.entry import run_main
+from raylm.core.errors import UserError
+from raylm.training.config import TrainConfig
+from raylm.training.sft_data import (
+    SftDataConfig,
+    SftRows,
+    build_sft_rows,
+    to_ray_dataset,
+)
 
 DEFAULT_PROMPTS = [
     "What does `json.dumps` do?",
@@ -79,8 +84,8 @@ def heldout_loss(model_dir: str | Path, rows: list[dict], batch: int) -> float |
     import numpy as np
     import torch
 
-    from training.model import cross_entropy_loss
-    from training.model_dir import load_model_dir
+    from raylm.model.model_dir import load_model_dir
+    from raylm.model.transformer import cross_entropy_loss
 
     if not rows:
         return None
@@ -100,7 +105,7 @@ def heldout_loss(model_dir: str | Path, rows: list[dict], batch: int) -> float |
 
 
 def answers(model_dir: str | Path, prompts: list[str], max_tokens: int) -> list[str]:
-    from training.generate import generate_texts
+    from raylm.inference.generate import generate_texts
 
     if not prompts:
         return []
@@ -139,9 +144,9 @@ def report_sections(before: dict, after: dict, stats: dict, settings: dict) -> d
 
 def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str | None = None):
     """Fine-tune `base` on the chat file `data` into the run dir `out`; returns run_training's result."""
-    from raylm.ray_utils import init_ray
-    from training.pretrain import run_training
-    from training.report import write_report
+    from raylm.core.ray_cluster import init_ray
+    from raylm.training.pretrain import run_training
+    from raylm.training.report import write_report
 
     sft = build_sft_rows(data, base, cfg.data.seq_len, cfg.sft)
     print(f"finetune: {sft['stats']['train']['rows']} train rows, {sft['stats']['val']['rows']} val rows "
@@ -190,9 +195,9 @@ def load_finetune_config(path: str, base: str, overrides: list[str]) -> Finetune
 
     The architecture is the base's, so a recipe that sets `model.*` would only mislead: refused.
     """
-    from raylm.config import read_yaml
-    from training.config import recipe_path
-    from training.model_dir import read_model_config
+    from raylm.core.config import read_yaml
+    from raylm.model.model_dir import read_model_config
+    from raylm.training.config import recipe_path
 
     tree = read_yaml(recipe_path(path))
     model_keys = ["model"] * ("model" in tree) + [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]

@@ -34,10 +34,20 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from raylm.config import from_dict
-from training.config import TrainConfig, global_batch, grad_accum, schedule_total_steps
-from training.model import ModelConfig, Transformer, flops_per_token, init_module_weights
-from training.tracking import Tracker, new_wandb_id, perplexity
+from raylm.core.config import from_dict
+from raylm.model.transformer import (
+    ModelConfig,
+    Transformer,
+    flops_per_token,
+    init_module_weights,
+)
+from raylm.training.config import (
+    TrainConfig,
+    global_batch,
+    grad_accum,
+    schedule_total_steps,
+)
+from raylm.training.tracking import Tracker, new_wandb_id, perplexity
 
 FAULT_MARKER_DIR = ".faults"
 
@@ -155,7 +165,7 @@ def build_model(model_cfg: ModelConfig, seed: int, init_model_dir: str | None, a
     """
     torch.manual_seed(seed)  # the same init on every rank
     if init_model_dir:
-        from training.model_dir import load_model_dir
+        from raylm.model.model_dir import load_model_dir
 
         model, _ = load_model_dir(init_model_dir)
         model.train()
@@ -276,12 +286,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from training.checkpoint import (
-        MODEL_SUBDIR, convert_to_universal, full_state_dict, load_checkpoint, needs_universal,
-        read_train_state, restore_rng, save_checkpoint, seed_everything,
+    from raylm.model.model_dir import save_model_dir
+    from raylm.training.checkpoint import (
+        MODEL_SUBDIR,
+        convert_to_universal,
+        full_state_dict,
+        load_checkpoint,
+        needs_universal,
+        read_train_state,
+        restore_rng,
+        save_checkpoint,
+        seed_everything,
     )
-    from training.deepspeed_config import build_ds_config
-    from training.model_dir import save_model_dir
+    from raylm.training.deepspeed_config import build_ds_config
 
     cfg = from_dict(TrainConfig, loop_config["config"])
     model_cfg = cfg.model

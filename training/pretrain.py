@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from raylm.config import to_dict
-from raylm.entry import run_main
-from raylm.errors import UserError
-from training.config import TrainConfig, global_batch, load_train_config
-from training.deepspeed_config import resolve_precision
-from training.loop import as_columns
-from training.tracking import METRICS_FILE
+from raylm.core.config import to_dict
+from raylm.core.entry import run_main
+from raylm.core.errors import UserError
+from raylm.training.config import TrainConfig, global_batch, load_train_config
+from raylm.training.deepspeed_config import resolve_precision
+from raylm.training.loop import as_columns
+from raylm.training.tracking import METRICS_FILE
 
 RUN_INFO_FILE = "run.json"
 
@@ -119,14 +119,20 @@ def run_training(
     `source` is recorded in run.json (e.g. the dataset dir or the base model). Ray must be initialised.
     """
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
-    from training.loop import train_loop_per_worker
+    from raylm.training.loop import train_loop_per_worker
 
     run_dir = Path(out).expanduser().resolve()
     if init_model_dir:
-        from training.model_dir import read_model_config
+        from raylm.model.model_dir import read_model_config
 
         cfg.model = read_model_config(init_model_dir)
         if cfg.data.seq_len > cfg.model.max_seq_len:
@@ -181,7 +187,7 @@ def run_training(
         "config": to_dict(cfg),
     })
     if write_run_report:
-        from training.report import write_report
+        from raylm.training.report import write_report
 
         write_report(run_dir)
     return TrainResult(
@@ -199,7 +205,7 @@ def run_training(
 
 def dataset_splits(data_dir: str) -> tuple[dict, list[str], list[str]]:
     """(manifest, train shard paths, val shard paths) of a dataset dir, checked by the data stage's reader."""
-    from data.dataset_dir import read_dataset_manifest, shard_paths
+    from raylm.data.dataset_dir import read_dataset_manifest, shard_paths
 
     manifest = read_dataset_manifest(data_dir)
     return manifest, shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray.data
 
-    from raylm.ray_utils import init_ray
+    from raylm.core.ray_cluster import init_ray
 
     init_ray(args.address)
     train = ray.data.read_parquet(train_paths).select_columns(["input_ids"])

@@ -15,10 +15,10 @@ A figure whose metric was never logged is left out rather than drawn empty. The 
 to W&B as images (`report/loss`, ...) when a W&B run is active in the calling process; the
 per-step curves themselves are already W&B charts, logged by the train loop on rank 0. The run
 finished on a worker, so the driver does not reopen it on its own (a second writer to an offline
-run's folder surprises readers); `python -m training.report RUN_DIR --wandb` resumes the run whose
+run's folder surprises readers); `python -m raylm.training.report RUN_DIR --wandb` resumes the run whose
 folder is in RUN_DIR/wandb/ and attaches the images.
 
-Run it by hand with `python -m training.report RUN_DIR [--wandb]`.
+Run it by hand with `python -m raylm.training.report RUN_DIR [--wandb]`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from raylm.entry import run_main
-from raylm.errors import UserError
+from raylm.core.entry import run_main
+from raylm.core.errors import UserError
 
 PLOTS_DIR = "plots"
 # Continued by the run's model when the caller gives no samples (pretraining: the stdlib corpus).
@@ -104,7 +104,9 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[floa
 
 def plot_figure(rows: list[dict[str, Any]], name: str, out_dir: Path) -> Path | None:
     """One PNG for FIGURES[name], or None when none of its metrics was logged."""
-    from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global state
+    from matplotlib.figure import (
+        Figure,  # the Agg canvas, without pyplot's global state
+    )
 
     title, ylabel, keys = FIGURES[name]
     lines = [(label, *series(rows, key)) for key, label in keys]
@@ -179,9 +181,9 @@ def default_samples(run_dir: Path) -> list[dict[str, str]]:
     """Greedy continuations of DEFAULT_PROMPTS by RUN_DIR/model; [] when there is no model to ask."""
     import torch
 
-    from training.generate import generate_texts
-    from training.model import count_params
-    from training.model_dir import read_model_config
+    from raylm.inference.generate import generate_texts
+    from raylm.model.model_dir import read_model_config
+    from raylm.model.transformer import count_params
 
     model_dir = run_dir / "model"
     if not (model_dir / "config.json").is_file():
@@ -326,7 +328,7 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.report", description="(Re)write RUN_DIR/report.md and its plots.")
+    parser = argparse.ArgumentParser(prog="python -m raylm.training.report", description="(Re)write RUN_DIR/report.md and its plots.")
     parser.add_argument("run_dir", help="a pretrain or finetune run dir (with metrics.jsonl and run.json)")
     parser.add_argument("--wandb", action="store_true", help="also attach the plots to the run's own W&B run (resumed by id)")
     args = parser.parse_args(argv)

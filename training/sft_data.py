@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from raylm.errors import UserError
+from raylm.core.errors import UserError
 
 
 @dataclass
@@ -76,7 +76,7 @@ def pad_row(ids: list[int], mask: list[bool], length: int, pad_id: int) -> dict[
 
 def encode_rows(records: list, tokenizer, seq_len: int, pad_id: int, overlong: str = "truncate") -> SftRows:
     """Conversations -> padded rows of seq_len + 1 tokens, by the module's rules, with counts."""
-    from data.chat import encode_chat
+    from raylm.model.chat import encode_chat
 
     length = seq_len + 1
     out = SftRows(rows=[], counts={"conversations": len(records), "rows": 0, "truncated": 0, "dropped_overlong": 0,
@@ -102,23 +102,12 @@ def encode_rows(records: list, tokenizer, seq_len: int, pad_id: int, overlong: s
     return out
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The base model dir's own tokenizer (tokenizers.Tokenizer) and the id that pads rows."""
-    from tokenizers import Tokenizer
+def load_base_tokenizer(model_dir: str | Path):
+    """The base model dir's own tokenizer, checked to speak ChatML, and the id that pads rows."""
+    from raylm.model.chat import check_chatml, load_tokenizer, special_token_ids
 
-    from training.model_dir import special_token_ids
-
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"base model dir {str(model_dir)!r} has no tokenizer.json (fine-tuning uses the base model's tokenizer)")
-    tokenizer = Tokenizer.from_file(str(path))
-    for token in ("<|im_start|>", "<|im_end|>"):
-        if tokenizer.token_to_id(token) is None:
-            raise UserError(
-                f"{path}: no {token!r} token; raylm fine-tunes with the ChatML template, so the base "
-                "tokenizer needs <|im_start|> and <|im_end|> special tokens"
-            )
-    check_chat_template(model_dir, tokenizer)
+    tokenizer = load_tokenizer(model_dir)
+    check_chatml(model_dir, tokenizer)
     ids = special_token_ids(model_dir)
     # Pad positions are never attended to by real tokens and never trained, so any id works
     # when the tokenizer has no pad token (many open models): use eos.
@@ -128,41 +117,18 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer, pad_id
 
 
-def check_chat_template(model_dir: str | Path, tokenizer) -> None:
-    """Refuse a base whose chat template renders prompts differently from the ChatML we train on.
-
-    Serving renders the model dir's own `chat_template`; if that differed from encode_chat's
-    rendering, the fine-tuned model would be prompted at serve time in a format it never saw.
-    """
-    from data.chat import encode_chat
-    from serving.text import ChatTemplate, read_tokenizer_config
-
-    template = ChatTemplate(read_tokenizer_config(model_dir))
-    if template.source is None:
-        raise UserError(f"{model_dir}: tokenizer_config.json has no chat_template; fine-tuning needs the ChatML template the model will be served with")
-    probe = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
-    served = template.render(probe)  # ends with the generation prompt: `<|im_start|>assistant\n`
-    trained_ids, _ = encode_chat(tokenizer, probe + [{"role": "assistant", "content": "Hello."}])
-    trained = tokenizer.decode(trained_ids, skip_special_tokens=False)
-    if not trained.startswith(served):
-        raise UserError(
-            f"{model_dir}: its chat_template renders {served[:80]!r}, not the ChatML form raylm trains on "
-            f"({trained[:80]!r}); fine-tune only bases with a ChatML chat template"
-        )
-
-
 def build_sft_rows(chat_path: str | Path, model_dir: str | Path, seq_len: int, cfg: SftDataConfig) -> dict[str, Any]:
     """Read, split and encode a chat JSONL file with the base model's tokenizer.
 
     Returns {"train": SftRows, "val": SftRows, "stats": {...}} where stats records the file's
     skipped lines by reason and the counts of each split (they go into the run report).
     """
-    from data.chat import read_chat_jsonl
+    from raylm.data.chat import read_chat_jsonl
 
     records, skipped = read_chat_jsonl(str(chat_path))
     if cfg.max_records is not None:
         records = records[: cfg.max_records]
-    tokenizer, pad_id = load_tokenizer(model_dir)
+    tokenizer, pad_id = load_base_tokenizer(model_dir)
     train_records, val_records = split_records(records, cfg.val_fraction, cfg.split_seed)
     train = encode_rows(train_records, tokenizer, seq_len, pad_id, cfg.overlong)
     val = encode_rows(val_records, tokenizer, seq_len, pad_id, cfg.overlong)

@@ -18,7 +18,7 @@ import secrets
 import string
 from pathlib import Path
 
-from training.config import LoggingConfig
+from raylm.training.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from raylm.errors import UserError
-from raylm.files import file_sha256
-from training.model import ModelConfig, Transformer
+from raylm.core.errors import UserError
+from raylm.core.files import file_sha256
+from raylm.model.chat import special_token_ids
+from raylm.model.transformer import ModelConfig, Transformer
 
 MANIFEST_KIND = "raylm.model"
 FORMAT_VERSION = 1
@@ -111,31 +112,6 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         raise UserError(f"{where}: head_dim={head_dim} != hidden_size/num_attention_heads; not supported")
     cfg.validate()
     return cfg
-
-
-# ---- tokenizer ids -------------------------------------------------------------------------------
-
-
-def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int | None]:
-    """bos / eos / pad ids from a HF tokenizer dir, plus `stop`: every id that ends a generation.
-
-    The chat end marker (`<|im_end|>`) also stops generation, so a chat model ends its turn.
-    """
-    tokenizer_dir = Path(tokenizer_dir)
-    vocab = {t["content"]: t["id"] for t in json.loads((tokenizer_dir / "tokenizer.json").read_text()).get("added_tokens", [])}
-    config_path = tokenizer_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-
-    def token_id(key: str) -> int | None:
-        token = config.get(key)
-        if isinstance(token, dict):  # older HF configs store AddedToken dicts
-            token = token.get("content")
-        return vocab.get(token) if token is not None else None
-
-    ids = {"bos": token_id("bos_token"), "eos": token_id("eos_token"), "pad": token_id("pad_token")}
-    stop = [i for i in (ids["eos"], vocab.get("<|im_end|>")) if i is not None]
-    ids["stop"] = sorted(set(stop))
-    return ids
 
 
 # ---- save ---------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init of weights
 
     def validate(self) -> None:
-        from raylm.errors import UserError
+        from raylm.core.errors import UserError
 
         if self.dim % self.n_heads:
             raise UserError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from raylm.errors import UserError
+from raylm.core.errors import UserError
 
 T = TypeVar("T")
 

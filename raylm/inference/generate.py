@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raylm.entry import run_main
-from raylm.errors import UserError
+from raylm.core.entry import run_main
+from raylm.core.errors import UserError
 
 
 def generate_texts(model_dir, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0, chat: bool = False, seed: int | None = None) -> list[str]:
     """One completion per prompt (greedy by default), stopping at the model's end tokens."""
-    from serving.engine import Engine, EngineConfig, InvalidRequest
-    from serving.sampling import SamplingParams
+    from raylm.inference.engine import Engine, EngineConfig, InvalidRequest
+    from raylm.inference.sampling import SamplingParams
 
     if not prompts:
         return []
@@ -61,8 +61,8 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
-    from serving.engine import Engine, EngineConfig, InvalidRequest
-    from serving.sampling import SamplingParams
+    from raylm.inference.engine import Engine, EngineConfig, InvalidRequest
+    from raylm.inference.sampling import SamplingParams
 
     engine = Engine(args.model, EngineConfig(max_batch_size=1))
     prompt_ids = engine.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else engine.encode_prompt(args.prompt)

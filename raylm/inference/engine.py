@@ -30,11 +30,22 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from raylm.errors import UserError
-from serving.sampling import SamplingParams, TokenChoice, choose_token, new_generator
-from serving.text import ChatTemplate, TextStream, load_tokenizer, read_tokenizer_config
-from training.model import KVCache
-from training.model_dir import load_model_dir, special_token_ids
+from raylm.core.errors import UserError
+from raylm.inference.detokenize import TextStream
+from raylm.inference.sampling import (
+    SamplingParams,
+    TokenChoice,
+    choose_token,
+    new_generator,
+)
+from raylm.model.chat import (
+    ChatTemplate,
+    load_tokenizer,
+    read_tokenizer_config,
+    special_token_ids,
+)
+from raylm.model.model_dir import load_model_dir
+from raylm.model.transformer import KVCache
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The inference floor: the generation engine (scheduler, model runner, output processing) and sampling."""
