@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from raylm.data.encode import chunk_text  # noqa: E402
 from raylm.data.prepare import PrepareConfig, run_prepare  # noqa: E402
 from raylm.data.sources import stdlib_corpus  # noqa: E402

@@ -19,15 +19,14 @@ import ast
 import hashlib
 import inspect
 import json
-import os
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from raylm.core.config import from_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
+from raylm.core.files import write_atomic
 from raylm.data.sources import stdlib_files
 from raylm.model.chat import messages_problem
 
@@ -172,16 +171,7 @@ def build_chat_records(max_records: int | None = None) -> list[dict]:
 
 
 def write_jsonl_atomically(records: list[dict], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def parse_args(argv: list[str] | None) -> ChatCorpusConfig:

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -30,6 +27,7 @@ from raylm import __version__
 from raylm.core.config import from_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
+from raylm.core.files import atomic_dir
 from raylm.data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
 from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents
 from raylm.data.pack import ShardWriter
@@ -108,24 +106,6 @@ def existing_dataset(out: Path, overwrite: bool) -> dict | None:
         return read_dataset_manifest(out)
     except UserError as err:
         raise UserError(f"--out {str(out)!r} exists and is not a complete dataset dir ({err}); pass --overwrite to replace it") from None
-
-
-def temporary_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished dir into place; an old one at `out` is replaced."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 # ---- pipeline -------------------------------------------------------------------------------------
@@ -280,13 +260,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         return kept
     corpus = resolve_source(cfg.source, cfg.text_field)
     init_ray(cfg.address)
-    tmp = temporary_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         manifest = build_dataset(cfg, corpus, tmp, started)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(summary(str(out), manifest))
     return manifest
 

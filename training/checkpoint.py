@@ -21,7 +21,6 @@ temp dir, so it works when ranks do not share a disk.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from raylm.core.files import write_json_atomic
 
 DS_TAG = "ds"
 STATE_FILE = "raylm_state.json"
@@ -66,13 +67,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ---- save ----------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def save_checkpoint(engine, train_state: dict, rank: int) -> Path:

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from typing import Any
 from raylm.core.config import load_config
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
+from raylm.core.files import write_json_atomic
 from raylm.training.config import TrainConfig
 from raylm.training.sft_data import (
     SftDataConfig,
@@ -120,13 +118,6 @@ def evaluate(model_dir: str | Path, val: SftRows, cfg: FinetuneConfig) -> dict[s
 
 
 # ---- the command ------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def report_sections(before: dict, after: dict, stats: dict, settings: dict) -> dict[str, dict[str, Any]]:

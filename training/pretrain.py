@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import numpy as np
 from raylm.core.config import to_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
+from raylm.core.files import write_json_atomic
 from raylm.training.config import TrainConfig, global_batch, load_train_config
 from raylm.training.deepspeed_config import resolve_precision
 from raylm.training.loop import as_columns
@@ -83,9 +83,7 @@ def summarize(metrics: list[dict]) -> dict[str, Any]:
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
-    tmp = run_dir / f".{RUN_INFO_FILE}.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-    os.replace(tmp, run_dir / RUN_INFO_FILE)
+    write_json_atomic(run_dir / RUN_INFO_FILE, info)
 
 
 def check_rows(name: str, count: int, needed: int, what: str) -> None:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import yaml
 
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
+from raylm.core.files import write_atomic
 
 PLOTS_DIR = "plots"
 # Continued by the run's model when the caller gives no samples (pretraining: the stdlib corpus).
@@ -290,15 +290,7 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 def write_report(

@@ -18,6 +18,7 @@ import secrets
 import string
 from pathlib import Path
 
+from raylm.core.files import write_atomic
 from raylm.training.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -43,9 +44,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def format_line(row: dict, max_steps: int) -> str:

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from raylm.core.errors import UserError
-from raylm.core.files import file_sha256
+from raylm.core.files import atomic_dir, file_sha256, write_json_atomic
 from raylm.model.chat import special_token_ids
 from raylm.model.transformer import ModelConfig, Transformer
 
@@ -142,19 +140,16 @@ def save_model_dir(
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise UserError(f"tokenizer dir {str(tokenizer_dir)!r} has no tokenizer.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         weights = to_hf_state_dict(state, cfg, _DTYPES[dtype])
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         ids = special_token_ids(tokenizer_dir)
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, ids), indent=2) + "\n")
-        generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["stop"] or ids["eos"], "pad_token_id": ids["pad"]}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_json_atomic(tmp / "config.json", hf_config(cfg, dtype, ids))
+        write_json_atomic(tmp / "generation_config.json", {"bos_token_id": ids["bos"], "eos_token_id": ids["stop"] or ids["eos"], "pad_token_id": ids["pad"]})
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, tmp / name)
-        manifest = {
+        write_json_atomic(tmp / "manifest.json", {
             "kind": MANIFEST_KIND,
             "format_version": FORMAT_VERSION,
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -162,18 +157,7 @@ def save_model_dir(
             "parameters": sum(t.numel() for t in weights.values()),
             "weights_sha256": file_sha256(tmp / "model.safetensors"),
             "source": source or {},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        })
     return out
 
 
