@@ -1,13 +1,17 @@
 """The serving engine in-process (no Ray): greedy parity with transformers, continuous batching,
-cancellation, sampling controls, streaming detokenization and stop strings."""
+cancellation, a failing step, the background loop's streams, sampling controls, streaming
+detokenization and stop strings. Its parts alone: tests/test_inference_*.py."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import pytest
 import torch
 
 from raylm.inference.detokenize import TextStream
-from raylm.inference.engine import Engine, EngineConfig, InvalidRequest
+from raylm.inference.engine import Engine, EngineConfig, EngineLoop, InvalidRequest
 from raylm.inference.sampling import (
     SamplingParams,
     apply_penalties,
@@ -74,6 +78,47 @@ def test_cancel_frees_the_slot_at_the_next_step(engine):
     assert len(engine.free_slots) == free_before and not engine.has_work()
     assert engine.counters.requests_cancelled == cancelled_before + 1
     assert engine.stats()["requests_running"] == 0
+
+
+def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(engine):
+    outputs = {"good": [], "bad": []}
+    failed_before, free_before = engine.counters.requests_failed, len(engine.free_slots)
+    good = engine.submit(engine.encode_prompt(PROMPTS[0]), greedy(50, ignore_eos=True), outputs["good"].append)
+    engine.step()
+    # An id past the vocabulary (encode_prompt would refuse it) makes the next forward raise.
+    bad = engine.submit([engine.model_config.vocab_size + 5], greedy(5), outputs["bad"].append)
+    engine.step()
+    assert (good.finish_reason, bad.finish_reason) == ("error", "error")
+    assert outputs["good"][-1].finish_reason == outputs["bad"][-1].finish_reason == "error"
+    assert engine.counters.requests_failed == failed_before + 2
+    assert len(engine.free_slots) == free_before and not engine.has_work()
+    assert engine.generate([engine.encode_prompt(PROMPTS[0])], greedy(4))[0][2] == "length"
+
+
+def test_engine_loop_streams_requests_and_cancels_one_left_early(engine):
+    ids = engine.encode_prompt(PROMPTS[1])
+    text, out_ids, _ = engine.generate([ids], greedy(12, ignore_eos=True))[0]
+    cancelled_before = engine.counters.requests_cancelled
+    loop = EngineLoop(engine)
+
+    async def consume() -> list:
+        outputs = [out async for batch in loop.stream(ids, greedy(12, ignore_eos=True)) for out in batch]
+        abandoned = loop.stream(ids, greedy(200, ignore_eos=True))
+        await abandoned.__anext__()
+        await abandoned.aclose()  # as when a client disconnects
+        return outputs
+
+    try:
+        outputs = asyncio.run(consume())
+        deadline = time.monotonic() + 30
+        while engine.has_work() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        loop.stop()
+    assert "".join(out.text for out in outputs) == text and outputs[-1].finish_reason == "length"
+    assert [t for out in outputs for t in out.token_ids] == out_ids
+    assert not engine.has_work() and len(engine.free_slots) == 8
+    assert engine.counters.requests_cancelled == cancelled_before + 1
 
 
 def test_prompt_plus_max_tokens_beyond_context_is_refused_by_name(engine):

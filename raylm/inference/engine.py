@@ -1,18 +1,18 @@
-"""The generation engine: one model, one KV cache, continuous batching.
+"""The generation engine: ties the scheduler, the model runner and output processing together.
 
-Every `step()`:
-1. retires cancelled sequences (their cache slot is free again at once);
-2. admits waiting requests into free cache slots and prefills them together in one forward
-   (prompts right-padded: padding writes cache positions past a prompt's end, which that
-   sequence's later decode steps overwrite before they can attend to them), sampling each one's
-   first token;
-3. decodes every running sequence in one batched forward (one token each, each at its own
-   position and slot) and samples per request;
-4. streams each sequence's new text to its consumer and retires the finished ones.
+`Engine.step()` is one round of continuous batching:
+1. the scheduler retires cancelled sequences, admits waiting ones into free KV cache slots and
+   says which sequences prefill and which decode (`scheduler.py`);
+2. the model runner prefills the admitted prompts together in one forward and decodes every other
+   running sequence in another, one token each at its own position and slot (`runner.py`);
+3. output processing samples each sequence's next token, applies its stops and streams its new
+   text to its consumer (`output.py`);
+4. the scheduler retires the finished sequences, whose slots are free for the next step.
 
 So a request that arrives mid-generation joins at the next step instead of waiting for a batch to
 drain. `Engine` itself is synchronous (the `generate` CLI drives it directly); `EngineLoop` runs it
-in a thread and hands out asyncio streams (the Serve replica).
+in a thread and hands out asyncio streams (the Serve replica). The engine also owns what a request
+needs before it is queued: the tokenizer, the chat template and the request checks.
 """
 
 from __future__ import annotations
@@ -23,29 +23,24 @@ import json
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
-
-import torch
 
 from raylm.core.errors import UserError
 from raylm.inference.detokenize import TextStream
-from raylm.inference.sampling import (
-    SamplingParams,
-    TokenChoice,
-    choose_token,
-    new_generator,
-)
+from raylm.inference.output import OutputProcessor
+from raylm.inference.runner import ModelRunner
+from raylm.inference.sampling import SamplingParams, new_generator
+from raylm.inference.scheduler import Scheduler
+from raylm.inference.sequence import ERROR, Output, Sequence
 from raylm.model.chat import (
     ChatTemplate,
     load_tokenizer,
     read_tokenizer_config,
     special_token_ids,
 )
-from raylm.model.model_dir import load_model_dir
-from raylm.model.transformer import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -77,40 +72,6 @@ class EngineConfig:
 
 
 @dataclass
-class Output:
-    """What a request gets after a step: new text and tokens, and why it ended once it has."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenChoice]
-    finish_reason: str | None  # None while running; "stop", "length", "cancelled" or "error"
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(eq=False)  # a request is itself: identity, not field-by-field equality
-class Sequence:
-    id: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_output: Callable[[Output], None]
-    stream: TextStream
-    generator: torch.Generator
-    arrived: float
-    slot: int = -1
-    output_ids: list[int] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)  # generated token -> times, for penalties
-    new_choices: list[TokenChoice] = field(default_factory=list)  # logprobs not handed out yet
-    emitted_tokens: int = 0  # output tokens already handed out
-    finish_reason: str | None = None
-    cancelled: bool = False
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-
-@dataclass
 class EngineStats:
     steps: int = 0
     requests_finished: int = 0
@@ -125,18 +86,6 @@ class EngineStats:
     ttft: deque = field(default_factory=lambda: deque(maxlen=1000))  # recent times to first token (s)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def read_stop_token_ids(model_dir: Path) -> set[int]:
     """Ids that end a generation: generation_config.json's eos ids and the tokenizer's end markers."""
     ids = set(special_token_ids(model_dir)["stop"])
@@ -145,10 +94,6 @@ def read_stop_token_ids(model_dir: Path) -> set[int]:
         eos = json.loads(path.read_text()).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return ids
-
-
-def is_plain_greedy(params: SamplingParams) -> bool:
-    return params.temperature == 0.0 and params.logprobs is None and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
 
 
 def percentile(values, q: float) -> float | None:
@@ -163,22 +108,29 @@ class Engine:
         self.config = config or EngineConfig()
         self.config.validate()
         self.model_dir = Path(model_dir)
-        if self.config.threads > 0:
-            torch.set_num_threads(self.config.threads)
-        self.device = pick_device(self.config.device)
-        self.dtype = pick_dtype(self.config.dtype, self.device)
-        self.model, self.model_config = load_model_dir(self.model_dir, self.device, self.dtype)
+        cfg = self.config
+        self.runner = ModelRunner(self.model_dir, cfg.max_batch_size, cfg.max_model_len, cfg.device, cfg.dtype, cfg.threads)
+        self.model, self.model_config = self.runner.model, self.runner.model_config
+        self.device, self.max_len = self.runner.device, self.runner.max_len
         self.tokenizer = load_tokenizer(self.model_dir)
         self.chat_template = ChatTemplate(read_tokenizer_config(self.model_dir))
-        self.stop_token_ids = read_stop_token_ids(self.model_dir)
-        self.max_len = min(self.config.max_model_len or self.model_config.max_seq_len, self.model_config.max_seq_len)
-        self.cache = KVCache(self.model_config, self.config.max_batch_size, self.max_len, self.device, self.dtype)
-        self.free_slots = list(range(self.config.max_batch_size - 1, -1, -1))
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.lock = threading.Lock()  # guards `waiting` against submitters on other threads
+        self.scheduler = Scheduler(cfg.max_batch_size, cfg.max_prefill_tokens)
+        self.output = OutputProcessor(read_stop_token_ids(self.model_dir), self.max_len)
         self.ids = itertools.count()
         self.counters = EngineStats()
+
+    # Callers and tests read the free slots and override the model's stop tokens on the engine.
+    @property
+    def free_slots(self) -> list[int]:
+        return self.scheduler.free_slots
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        return self.output.stop_token_ids
+
+    @stop_token_ids.setter
+    def stop_token_ids(self, ids: set[int]) -> None:
+        self.output.stop_token_ids = ids
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -218,155 +170,66 @@ class Engine:
             on_output=on_output,
             stream=TextStream(self.tokenizer, params.stop),
             generator=new_generator(params.seed),
-            arrived=time.perf_counter(),
         )
-        with self.lock:
-            self.waiting.append(seq)
+        self.scheduler.add(seq)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
         """Mark a request as abandoned; the next step frees its slot (safe from any thread)."""
-        seq.cancelled = True
+        self.scheduler.cancel(seq)
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return self.scheduler.has_work()
 
     # ---- the step -----------------------------------------------------------------------------
 
     def step(self) -> None:
-        self.retire_cancelled()
-        admitted = self.admit()
+        """One round of continuous batching: schedule, forward, sample and stream, retire."""
+        scheduled = self.scheduler.schedule()
+        self.counters.requests_cancelled += len(scheduled.cancelled)
         try:
-            if admitted:
-                self.prefill(admitted)
-            decoding = [s for s in self.running if s.finish_reason is None and s not in admitted]
-            if decoding:
-                self.decode(decoding)
+            if scheduled.prefill:
+                self.prefill(scheduled.prefill)
+            if scheduled.decode:
+                self.decode(scheduled.decode)
         except Exception:
-            log.exception("engine step failed; failing its %d sequences", len(self.running))
-            for seq in self.running:
-                seq.finish_reason = seq.finish_reason or "error"
-            self.counters.requests_failed += sum(1 for s in self.running if s.finish_reason == "error")
-        self.emit_and_retire()
+            running = self.scheduler.running
+            log.exception("engine step failed; failing its %d sequences", len(running))
+            for seq in running:
+                seq.finish_reason = seq.finish_reason or ERROR
+            self.counters.requests_failed += sum(1 for s in running if s.finish_reason == ERROR)
+        self.emit(self.scheduler.running)
+        finished = self.scheduler.retire_finished()
+        self.counters.requests_finished += sum(1 for s in finished if s.finish_reason != ERROR)
 
-    def retire_cancelled(self) -> None:
-        with self.lock:
-            gone = [s for s in self.waiting if s.cancelled]
-            for seq in gone:
-                self.waiting.remove(seq)
-        gone += [s for s in self.running if s.cancelled]
-        for seq in gone:
-            self.release(seq)
-            self.counters.requests_cancelled += 1
-
-    def admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        with self.lock:
-            while self.waiting and self.free_slots:
-                longest = max([len(s.prompt_ids) for s in admitted] + [len(self.waiting[0].prompt_ids)])
-                if admitted and longest * (len(admitted) + 1) > self.config.max_prefill_tokens:
-                    break
-                seq = self.waiting.popleft()
-                seq.slot = self.free_slots.pop()
-                admitted.append(seq)
-        self.running.extend(admitted)
-        return admitted
-
-    @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> None:
-        longest = max(len(s.prompt_ids) for s in seqs)
-        tokens = torch.zeros(len(seqs), longest, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            tokens[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
-        positions = torch.arange(longest).expand(len(seqs), longest)
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs])
-        logits = self.forward(tokens, positions, seqs)
-        logits = logits[torch.arange(len(seqs)), last.to(logits.device)]
-        self.sample(seqs, logits)
+        self.output.sample(seqs, self.runner.prefill(seqs))
         now = time.perf_counter()
-        for seq in seqs:
-            self.counters.ttft.append(now - seq.arrived)
-            self.counters.prompt_tokens += len(seq.prompt_ids)
+        self.counters.ttft.extend(now - s.arrived for s in seqs)
+        self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+        self.counters.generated_tokens += len(seqs)
 
-    @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> None:
         started = time.perf_counter()
-        tokens = torch.tensor([[s.output_ids[-1]] for s in seqs])
-        positions = torch.tensor([[s.length - 1] for s in seqs])
-        logits = self.forward(tokens, positions, seqs)[:, -1]
-        self.sample(seqs, logits)
+        self.output.sample(seqs, self.runner.decode(seqs))
         stats = self.counters
         stats.steps += 1
+        stats.generated_tokens += len(seqs)
         stats.batch_size_last = len(seqs)
         stats.batch_size_max = max(stats.batch_size_max, len(seqs))
         stats.batch_size_sum += len(seqs)
         stats.decode_seconds += time.perf_counter() - started
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        positions = positions.to(self.device)
-        self.cache.bind(slots, positions)
-        return self.model(tokens.to(self.device), positions=positions, cache=self.cache)
-
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        greedy = logits.argmax(-1).tolist()  # one batched argmax serves every plain greedy request
-        plain = [is_plain_greedy(seq.params) for seq in seqs]
-        rows = logits.float().cpu() if not all(plain) else None  # the full logits cross to the CPU only when needed
-        for row, seq in enumerate(seqs):
-            choice = TokenChoice(greedy[row]) if plain[row] else choose_token(rows[row], seq.counts, seq.params, seq.generator)
-            self.append_token(seq, choice)
-
-    def append_token(self, seq: Sequence, choice: TokenChoice) -> None:
-        seq.output_ids.append(choice.token)
-        seq.counts[choice.token] += 1
-        if seq.params.logprobs is not None:
-            seq.new_choices.append(choice)
-        self.counters.generated_tokens += 1
-        stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.stop_token_ids)
-        if choice.token in stops:
-            seq.finish_reason = "stop"
-            return
-        seq.stream.add(choice.token)
-        if seq.stream.stopped:
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= seq.params.max_tokens or seq.length >= self.max_len:
-            seq.finish_reason = "length"
-
-    def emit_and_retire(self) -> None:
-        still_running = []
-        for seq in self.running:
-            finished = seq.finish_reason is not None
-            if finished:
-                seq.stream.finish()
-            output = Output(
-                text=seq.stream.delta(final=finished),
-                token_ids=seq.output_ids[seq.emitted_tokens :],
-                logprobs=seq.new_choices,
-                finish_reason=seq.finish_reason,
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.output_ids),
-            )
-            seq.new_choices, seq.emitted_tokens = [], len(seq.output_ids)
-            if finished:
-                self.release(seq, keep_in_running=True)
-                if seq.finish_reason != "error":
-                    self.counters.requests_finished += 1
-            else:
-                still_running.append(seq)
-            if output.text or output.token_ids or finished:
-                try:
-                    seq.on_output(output)
-                except Exception:  # a consumer that is gone (e.g. its event loop closed) must not stop the engine
-                    log.exception("delivering output of request %d failed; cancelling it", seq.id)
-                    seq.cancelled = True
-        self.running = still_running
-
-    def release(self, seq: Sequence, keep_in_running: bool = False) -> None:
-        if seq.slot >= 0:
-            self.free_slots.append(seq.slot)
-            seq.slot = -1
-        if not keep_in_running and seq in self.running:
-            self.running.remove(seq)
+    def emit(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            output = self.output.emit(seq)
+            if output is None:
+                continue
+            try:
+                seq.on_output(output)
+            except Exception:  # a consumer that is gone (e.g. its event loop closed) must not stop the engine
+                log.exception("delivering output of request %d failed; cancelling it", seq.id)
+                self.scheduler.cancel(seq)
 
     # ---- driving it ----------------------------------------------------------------------------
 
@@ -391,8 +254,8 @@ class Engine:
         c = self.counters
         ttft = list(c.ttft)
         return {
-            "requests_running": len(self.running),
-            "requests_waiting": len(self.waiting),
+            "requests_running": len(self.scheduler.running),
+            "requests_waiting": len(self.scheduler.waiting),
             "requests_finished": c.requests_finished,
             "requests_cancelled": c.requests_cancelled,
             "requests_failed": c.requests_failed,

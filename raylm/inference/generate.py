@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
+from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
+from raylm.core.config import from_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 
@@ -34,33 +37,36 @@ def generate_texts(model_dir, prompts: list[str], max_tokens: int = 64, temperat
         raise UserError(str(err)) from None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass
+class GenerateArgs:
+    model: str  # model dir (Hugging Face Llama format)
+    prompt: str  # text to continue (or the user message with --chat)
+    max_tokens: int = 64  # tokens to generate at most
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # sample among the k most likely tokens (0 = all)
+    top_p: float = 1.0  # nucleus sampling threshold in (0, 1]
+    seed: int | None = None  # seed for sampling
+    chat: bool = False  # apply the model's chat template to the prompt
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise UserError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+
+
+def parse_args(argv: list[str] | None) -> GenerateArgs:
     parser = argparse.ArgumentParser(prog="raylm generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model dir (Hugging Face Llama format)")
-    parser.add_argument("--prompt", required=True, help="text to continue (or the user message with --chat)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    parser.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    return parser.parse_args(argv)
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k must be >= 0, got {args.top_k}")
+    add_config_flags(parser, GenerateArgs)
+    return from_dict(GenerateArgs, config_values(parse_command_line(parser, argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_args(args)
     from raylm.inference.engine import Engine, EngineConfig, InvalidRequest
     from raylm.inference.sampling import SamplingParams
 
