@@ -1,18 +1,35 @@
-"""Pieces of the train loop that need no worker group: the LR schedule, the data order, batch
-arithmetic, the DeepSpeed config and metrics truncation on resume."""
+"""Pieces of the train loop that need no worker group: the LR schedule, the data order, the loss,
+the train state a checkpoint carries, batch arithmetic, the DeepSpeed config and metrics
+truncation on resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from raylm.core.errors import UserError
+from raylm.model.transformer import ModelConfig, Transformer
+from raylm.training.checkpoint import needs_universal
 from raylm.training.config import global_batch, grad_accum, load_train_config
+from raylm.training.data_order import (
+    eval_micro_batches,
+    global_batches,
+    rank_micro_batches,
+)
 from raylm.training.deepspeed_config import build_ds_config
-from raylm.training.loop import global_batches, learning_rate
+from raylm.training.losses import loss_for, next_token_loss
+from raylm.training.measure import Throughput
+from raylm.training.schedule import learning_rate
 from raylm.training.tracking import truncate_metrics
+from raylm.training.trainer import TrainState, due
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
@@ -27,6 +44,20 @@ def test_wsd_schedule_is_flat_then_decays_linearly():
                                       "schedule.decay_fraction=0.2", "optimizer.lr=1.0", "schedule.min_lr_ratio=0.0"])
     assert learning_rate(50, cfg) == 1.0 and learning_rate(79, cfg) == 1.0
     assert learning_rate(90, cfg) == pytest.approx(0.5) and learning_rate(100, cfg) == 0.0
+
+
+def test_schedule_total_steps_keeps_the_curve_when_max_steps_changes():
+    curve = ["optimizer.lr=1.0", "schedule.warmup_steps=10", "schedule.min_lr_ratio=0.1"]
+    full = load_train_config("debug", ["max_steps=100", *curve])
+    cut = load_train_config("debug", ["max_steps=50", "schedule.total_steps=100", *curve])
+    assert [learning_rate(s, cut) for s in range(50)] == [learning_rate(s, full) for s in range(50)]
+    assert learning_rate(55, full) == pytest.approx(0.55)  # cosine halfway between the peak and min_lr
+    assert learning_rate(49, load_train_config("debug", ["max_steps=50", *curve])) < learning_rate(49, cut)
+
+
+def test_schedule_without_warmup_starts_at_the_peak():
+    cfg = load_train_config("debug", ["max_steps=100", "schedule.warmup_steps=0", "optimizer.lr=1.0"])
+    assert learning_rate(0, cfg) == 1.0
 
 
 def test_global_batch_sets_grad_accum_per_worker_count():
@@ -53,6 +84,109 @@ def test_data_order_is_independent_of_the_batch_size_and_resumable(ray_cluster):
     assert sorted(by4) == list(range(100)) and by4 != list(range(100))  # every row once, shuffled
     assert stream(4, skip=40) == by4[40:]  # a resume skips exactly the consumed rows
     assert stream(4, epoch=1) != by4 and stream(4) == by4  # a new order per epoch, the same order per (seed, epoch)
+
+
+class FakeShard:
+    """The one method of a Ray Data shard that the data order calls, over in-memory rows in file order."""
+
+    def __init__(self, rows: int):
+        ids = np.arange(rows)[:, None] + np.arange(3)
+        self.columns = {"input_ids": ids, "loss_mask": ids % 2 == 0}
+
+    def iter_batches(self, batch_size, batch_format, drop_last):
+        assert batch_format == "numpy" and not drop_last
+        for start in range(0, len(self.columns["input_ids"]), batch_size):
+            yield {name: array[start : start + batch_size] for name, array in self.columns.items()}
+
+
+def row_ids(shard, size, skip=0, epoch=0) -> list[int]:
+    batches = list(global_batches(shard, window=32, seed=7, epoch=epoch, size=size, skip_rows=skip))
+    for batch in batches:  # a row's mask travels with its ids through the shuffle
+        assert (batch["loss_mask"] == (batch["input_ids"] % 2 == 0)).all()
+    return [int(i) for b in batches for i in b["input_ids"][:, 0]]
+
+
+def test_data_order_resumes_at_any_row():
+    shard = FakeShard(100)
+    stream = row_ids(shard, size=4)
+    assert sorted(stream) == list(range(100))
+    assert [i - 32 for i in stream[32:64]] != stream[:32]  # each window has its own permutation
+    for skip in (1, 3, 31, 32, 33, 64, 95, 97):  # inside, at and across the shuffle windows' edges
+        assert row_ids(shard, size=4, skip=skip) == stream[skip:][: (100 - skip) // 4 * 4], skip
+
+
+def test_ranks_take_disjoint_contiguous_slices_of_the_global_batch():
+    ids = np.arange(24 * 5).reshape(24, 5)
+    batch = {"input_ids": ids, "loss_mask": ids % 3 == 0}
+    world, size, accum = 3, 2, 4
+    taken = [micro for rank in range(world) for micro in rank_micro_batches(batch, rank, size, accum, "cpu")]
+    assert len(taken) == world * accum and all(m["input_ids"].shape == (size, 5) for m in taken)
+    for name in batch:
+        assert torch.cat([m[name] for m in taken]).tolist() == batch[name].tolist()
+
+
+def test_eval_rows_are_shared_equally_over_ranks_in_micro_batches():
+    ids = np.arange(11 * 3).reshape(11, 3)
+    ids.setflags(write=False)  # like Arrow buffers: torch.from_numpy warns unless the loop copies
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shares = [eval_micro_batches({"input_ids": ids}, 2, rank, 2, "cpu") for rank in range(2)]
+    assert [[len(m["input_ids"]) for m in share] for share in shares] == [[2, 2, 1], [2, 2, 1]]
+    assert torch.cat([m["input_ids"] for share in shares for m in share]).tolist() == ids[:10].tolist()
+    assert eval_micro_batches(None, 2, 0, 2, "cpu") == []
+
+
+def test_next_token_loss_counts_the_targets_its_row_mask_keeps():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=16))
+    ids = torch.randint(32, (2, 6))
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[:, 3] = True  # keep row token 3 only: predicted from position 2
+    with torch.no_grad():
+        logits = model(ids[:, :-1])
+        assert float(next_token_loss(model, {"input_ids": ids, "loss_mask": mask})) == pytest.approx(
+            float(F.cross_entropy(logits[:, 2], ids[:, 3])), rel=1e-5)
+        assert float(next_token_loss(model, {"input_ids": ids})) == pytest.approx(
+            float(F.cross_entropy(logits.reshape(-1, 32), ids[:, 1:].reshape(-1))), rel=1e-5)
+
+
+def test_loss_is_chosen_by_the_run_kind():
+    assert loss_for("pretrain") is loss_for("finetune") is next_token_loss
+    with pytest.raises(ValueError, match="'dpo'"):
+        loss_for("dpo")
+
+
+def test_train_state_round_trips_through_the_checkpoint_file():
+    state = TrainState()
+    for _ in range(3):
+        state.advance(rows=8, tokens=8 * 32)
+    state.next_epoch()
+    state.advance(rows=8, tokens=8 * 32)
+    state.wandb_id = "abc12345"
+    assert (state.step, state.epoch, state.rows_in_epoch, state.tokens) == (4, 1, 8, 4 * 8 * 32)
+    saved = json.loads(json.dumps(state.to_saved(12.5, world_size=2, zero_stage=3, global_batch=8)))
+    assert TrainState.from_saved(saved) == dataclasses.replace(state, elapsed_before=12.5)
+    assert not needs_universal(saved, 2, 3) and needs_universal(saved, 1, 3)  # the layout it was saved at
+
+
+def test_periodic_actions_fall_due_every_n_steps_and_at_the_last():
+    assert [s for s in range(1, 13) if due(s, 5, is_last=s == 12)] == [5, 10, 12]
+    assert [s for s in range(1, 13) if due(s, 0, is_last=s == 12)] == [12]
+
+
+def test_throughput_window_restarts_when_taken():
+    window = Throughput()
+    window.add(100, 0.5)
+    window.add(300, 1.5)
+    assert window.take() == 200.0
+    window.add(50, 1.0)
+    assert window.take() == 50.0
+
+
+def test_the_entry_point_imports_no_deepspeed():
+    # DeepSpeed picks its accelerator when first imported: the worker must set DS_ACCELERATOR before that.
+    code = "import sys, raylm.training.loop; assert 'deepspeed' not in sys.modules, 'deepspeed imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_deepspeed_config_follows_the_train_config(tmp_path):

@@ -5,7 +5,7 @@ Choices:
   (`torch_adam`), so the CPU path compiles nothing and matches a bare PyTorch loop; with optimizer
   offload DeepSpeed picks its DeepSpeedCPUAdam.
 - The learning rate is set by the loop at every step from a pure function of the step (see
-  loop.learning_rate), so there is no scheduler state to save: resuming the step resumes the curve.
+  training/schedule.py), so there is no scheduler state to save: resuming the step resumes the curve.
 - ZeRO-3 gathers 16-bit weights on save so `save_16bit_model` works; our HF export gathers fp32
   weights itself.
 - `checkpoint.load_universal` is switched on by the loop when it resumes a checkpoint written at a

@@ -1,0 +1,77 @@
+"""The data order: which rows each optimizer step trains on, and which of them each rank takes.
+
+The order is a pure function of (data.shuffle_seed, epoch) and independent of the worker count:
+every worker reads the whole split (Ray Data, not split across workers), in file order, permutes
+it window by window with a seeded RNG, and the global batch of step s is the next `global_batch`
+rows of that stream; worker r takes its contiguous slice of the global batch. Resuming skips the
+rows already consumed. This trades reading the split once per worker for exactness: identical
+batches on a restart, a re-run, or at another worker count with the same global batch, and equal
+step counts on every rank by construction. (The driver materializes small splits in Ray's object
+store, so "reading" is then a memory copy.)
+
+Micro-batches are whole rows (`input_ids`, and `loss_mask` when the rows have one) as tensors;
+turning a row into inputs and targets is the loss's business (training/losses.py).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+Rows = dict[str, np.ndarray]  # column name -> [rows, seq_len + 1]
+
+
+def as_columns(batch: dict) -> Rows:
+    """A Ray Data numpy batch -> 2-D int arrays for input_ids and (when present) loss_mask."""
+    columns = {"input_ids": np.stack(list(batch["input_ids"])).astype(np.int64)}
+    if "loss_mask" in batch:
+        columns["loss_mask"] = np.stack(list(batch["loss_mask"])).astype(bool)
+    return columns
+
+
+def shuffled_rows(shard, window: int, seed: int, epoch: int) -> Iterator[Rows]:
+    """The epoch's rows in windows of `window` rows, each permuted by (seed, epoch, window index)."""
+    for index, batch in enumerate(shard.iter_batches(batch_size=window, batch_format="numpy", drop_last=False)):
+        columns = as_columns(batch)
+        order = np.random.default_rng([seed, epoch, index]).permutation(len(columns["input_ids"]))
+        yield {name: array[order] for name, array in columns.items()}
+
+
+def global_batches(shard, window: int, seed: int, epoch: int, size: int, skip_rows: int) -> Iterator[Rows]:
+    """Consecutive `size`-row global batches of the epoch's stream, after skipping `skip_rows` rows.
+
+    The tail shorter than a global batch is dropped, so every rank sees the same step count.
+    """
+    pending: Rows | None = None
+    for chunk in shuffled_rows(shard, window, seed, epoch):
+        if skip_rows:
+            drop = min(skip_rows, len(chunk["input_ids"]))
+            chunk = {name: array[drop:] for name, array in chunk.items()}
+            skip_rows -= drop
+        pending = chunk if pending is None else {n: np.concatenate([pending[n], chunk[n]]) for n in chunk}
+        while len(pending["input_ids"]) >= size:
+            yield {name: array[:size] for name, array in pending.items()}
+            pending = {name: array[size:] for name, array in pending.items()}
+
+
+def micro_batch(rows: Rows, start: int, size: int, device) -> dict[str, torch.Tensor]:
+    """Rows start..start+size of every column, as tensors on `device`."""
+    return {name: torch.from_numpy(array[start : start + size]).to(device) for name, array in rows.items()}
+
+
+def rank_micro_batches(batch: Rows, rank: int, size: int, accum: int, device) -> list[dict[str, torch.Tensor]]:
+    """This rank's contiguous slice of a global batch, cut into `accum` micro-batches of `size` rows."""
+    first = rank * size * accum
+    return [micro_batch(batch, first + i * size, size, device) for i in range(accum)]
+
+
+def eval_micro_batches(eval_rows: Rows | None, size: int, rank: int, world: int, device) -> list[dict[str, torch.Tensor]]:
+    """This rank's equal, contiguous share of the fixed eval set, in micro-batches of up to `size` rows."""
+    if not eval_rows:
+        return []
+    per_rank = len(eval_rows["input_ids"]) // world
+    # A copy: the rows may be read-only Arrow buffers, which torch.from_numpy warns about.
+    mine = {name: array[rank * per_rank : (rank + 1) * per_rank].copy() for name, array in eval_rows.items()}
+    return [micro_batch(mine, start, size, device) for start in range(0, per_rank, size)]

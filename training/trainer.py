@@ -1,0 +1,296 @@
+"""One Ray Train worker's run, as an object: `setup` builds and resumes, `train` steps, `finish` exports.
+
+`train` walks the epochs of the data order (training/data_order.py) until max_steps, or until
+rank 0 votes the time limit reached. Each step is `train_step` (forward/backward over `grad_accum`
+micro-batches and one optimizer step), then `log_step` (train metrics and, when due, `evaluate`)
+and, when due, `save_checkpoint` through `ray.train.report`. What a resume needs is one TrainState,
+written into every checkpoint.
+
+Pretraining and fine-tuning run this same code. They differ in their rows (with or without
+`loss_mask`), their loss (training/losses.py, chosen by the run kind) and their starting weights
+(`init_model_dir`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raylm.core.config import from_dict
+from raylm.model.model_dir import save_model_dir
+from raylm.model.transformer import flops_per_token
+from raylm.training import checkpoint
+from raylm.training.config import TrainConfig, global_batch, grad_accum
+from raylm.training.data_order import (
+    eval_micro_batches,
+    global_batches,
+    rank_micro_batches,
+)
+from raylm.training.engine import grad_norm_of, init_engine, set_lr
+from raylm.training.faults import maybe_inject_fault
+from raylm.training.losses import loss_for
+from raylm.training.measure import Throughput, memory_gb, peak_flops
+from raylm.training.resume import ResumePoint, latest_checkpoint
+from raylm.training.schedule import learning_rate
+from raylm.training.tracking import Tracker, new_wandb_id, perplexity
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what a checkpoint carries from one attempt to the next."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the data order's current epoch
+    rows_in_epoch: int = 0  # rows of that epoch already trained on
+    tokens: int = 0  # tokens trained on, over all attempts
+    elapsed_before: float = 0.0  # seconds trained by earlier attempts
+    wandb_id: str | None = None  # the W&B run that every attempt logs to
+
+    def advance(self, rows: int, tokens: int) -> None:
+        self.step += 1
+        self.rows_in_epoch += rows
+        self.tokens += tokens
+
+    def next_epoch(self) -> None:
+        self.epoch, self.rows_in_epoch = self.epoch + 1, 0
+
+    def to_saved(self, elapsed_s: float, world_size: int, zero_stage: int, global_batch: int) -> dict:
+        """raylm_state.json; the layout it was saved at tells a resume whether to convert (checkpoint.needs_universal)."""
+        return {
+            "step": self.step, "epoch": self.epoch, "rows_in_epoch": self.rows_in_epoch, "tokens": self.tokens,
+            "world_size": world_size, "zero_stage": zero_stage, "global_batch": global_batch, "wandb_id": self.wandb_id,
+            "elapsed_s": elapsed_s,
+        }
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainState:
+        return cls(step=saved["step"], epoch=saved["epoch"], rows_in_epoch=saved["rows_in_epoch"], tokens=saved["tokens"],
+                   elapsed_before=saved["elapsed_s"], wandb_id=saved.get("wandb_id"))
+
+
+@dataclass
+class StepResult:
+    lr: float  # the learning rate the step used
+    loss: float  # this rank's mean loss over its micro-batches
+    grad_norm: float | None  # the global gradient norm, where known
+
+
+def due(step: int, every: int, is_last: bool) -> bool:
+    """Whether a periodic action (every N steps; 0 = never) runs at `step`; all of them run at the last step."""
+    return is_last or (every > 0 and step % every == 0)
+
+
+def all_reduce_mean(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+class Trainer:
+    """One worker's run. `train_loop_per_worker` calls setup(), train(), finish()."""
+
+    def __init__(self, loop_config: dict):
+        self.loop_config = loop_config
+        self.cfg = from_dict(TrainConfig, loop_config["config"])
+        self.kind = loop_config["kind"]
+        self.loss_fn = loss_for(self.kind)
+        self.run_dir = Path(loop_config["run_dir"])
+        self.use_gpu = loop_config["use_gpu"]
+        self.state = TrainState()
+        self.throughput = Throughput()
+        self.last_row: dict = {}
+
+    # ---- setup -----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Join the process group, build the engine, resume from the latest checkpoint if any, start tracking."""
+        import deepspeed  # only now: train_loop_per_worker has chosen its accelerator
+
+        cfg = self.cfg
+        deepspeed.init_distributed(dist_backend="nccl" if self.use_gpu else "gloo")
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.accum, self.batch_rows = grad_accum(cfg, self.world), global_batch(cfg, self.world)
+        self.zero_stage = cfg.deepspeed.zero_stage
+
+        with latest_checkpoint(self.world, self.zero_stage) as resume_point:
+            checkpoint.seed_everything(cfg.seed + self.rank)
+            universal = resume_point is not None and resume_point.universal
+            self.engine = init_engine(cfg, self.world, self.use_gpu, self.loop_config.get("init_model_dir"), universal)
+            if resume_point is not None:
+                self.resume(resume_point)
+        self.state.wandb_id = self.state.wandb_id or (new_wandb_id() if self.rank == 0 else None)
+
+        self.tracker = Tracker(self.run_dir, cfg.logging, active=self.rank == 0, max_steps=cfg.max_steps)
+        self.tracker.start(resumed_step=self.state.step, wandb_id=self.state.wandb_id,
+                           config=self.loop_config["config"] | {"kind": self.kind}, run_name=self.run_dir.name)
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.eval_batches = eval_micro_batches(self.loop_config["eval_rows"], cfg.data.micro_batch, self.rank, self.world, self.device)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = peak_flops(self.device.type, cfg.logging.peak_tflops_per_worker)
+        self.attempt_start = time.perf_counter()
+
+    def resume(self, point: ResumePoint) -> None:
+        """Weights, optimizer, RNGs and position from a checkpoint: the run goes on as if it had never stopped."""
+        checkpoint.load_checkpoint(self.engine, point.load_dir)
+        # A rank that did not exist when the checkpoint was written has no saved RNG states.
+        checkpoint.restore_rng(point.checkpoint_dir, self.rank, self.cfg.seed + self.rank + point.saved["step"])
+        self.state = TrainState.from_saved(point.saved)
+        if self.rank == 0:
+            saved = point.saved
+            how = f"universal checkpoint (was {saved['world_size']} workers, ZeRO-{saved['zero_stage']})" if point.universal else "checkpoint"
+            print(f"[raylm] resuming from step {self.state.step} ({how})", flush=True)
+
+    def elapsed_s(self) -> float:
+        """Seconds trained over all attempts."""
+        return self.state.elapsed_before + time.perf_counter() - self.attempt_start
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Epoch after epoch until the last step: max_steps, or the time limit."""
+        if self.state.step == 0 and self.cfg.eval.at_start:
+            val_loss = self.evaluate()
+            if val_loss is not None:
+                self.tracker.log({"step": 0, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "elapsed_s": 0.0})
+        finished = self.state.step >= self.cfg.max_steps
+        while not finished:
+            finished = self.train_epoch()
+
+    def train_epoch(self) -> bool:
+        """The rest of the current epoch; True once the run's last step is done, else the next epoch is set up."""
+        data = self.cfg.data
+        batches = global_batches(self.train_shard, data.shuffle_window, data.shuffle_seed, self.state.epoch,
+                                 self.batch_rows, self.state.rows_in_epoch)
+        stepped = False
+        for batch in batches:
+            stepped = True
+            maybe_inject_fault(self.cfg.faults, self.rank, self.state.step, self.run_dir)
+            result = self.train_step(batch)
+            loss, out_of_time = self.reduce_loss_and_stop_vote(result.loss)
+            is_last = self.state.step == self.cfg.max_steps or out_of_time
+            row = self.log_step(result, loss, is_last)
+            if due(self.state.step, self.cfg.checkpoint.every, is_last):
+                metrics = {"step": self.state.step, "loss": loss}
+                if "val_loss" in row:
+                    metrics["val_loss"] = row["val_loss"]
+                self.save_checkpoint(metrics)
+            if is_last:
+                return True
+        if not stepped:
+            raise RuntimeError("the train split has fewer rows than one global batch")
+        self.state.next_epoch()
+        return False
+
+    def train_step(self, batch: dict[str, np.ndarray]) -> StepResult:
+        """One optimizer step on this rank's share of a global batch: `grad_accum` forward/backwards, one update."""
+        start = time.perf_counter()
+        lr = learning_rate(self.state.step, self.cfg)
+        set_lr(self.engine, lr)
+        loss_sum, own_norm = 0.0, None
+        for i, micro in enumerate(rank_micro_batches(batch, self.rank, self.cfg.data.micro_batch, self.accum, self.device)):
+            loss = self.loss_fn(self.engine, micro)
+            self.engine.backward(loss)
+            loss_sum += float(loss.detach())
+            # Measured before the update, which clears the gradients; used only if DeepSpeed reports none.
+            if i == self.accum - 1 and self.zero_stage == 0 and self.engine.get_global_grad_norm() is None:
+                own_norm = grad_norm_of(self.engine.module)
+            self.engine.step()  # DeepSpeed updates at the last micro-batch only
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # time the step, not its kernel launches
+        seconds = time.perf_counter() - start
+        tokens = self.batch_rows * self.cfg.data.seq_len
+        self.throughput.add(tokens, seconds)
+        self.state.advance(self.batch_rows, tokens)
+        ds_norm = self.engine.get_global_grad_norm()
+        return StepResult(lr=lr, loss=loss_sum / self.accum, grad_norm=float(ds_norm) if ds_norm is not None else own_norm)
+
+    def reduce_loss_and_stop_vote(self, local_loss: float) -> tuple[float, bool]:
+        """The loss averaged over ranks, and whether to stop now.
+
+        One all-reduce carries both, and only rank 0 reads the clock, so all ranks stop at the same step.
+        """
+        out_of_time = self.rank == 0 and self.cfg.max_time_s > 0 and self.elapsed_s() >= self.cfg.max_time_s
+        loss, stop_vote = all_reduce_mean([local_loss, float(out_of_time)], self.device)
+        return loss, stop_vote > 0
+
+    def evaluate(self) -> float | None:
+        """The loss on the fixed eval set, averaged over ranks; None when there is no eval set."""
+        if not self.eval_batches:
+            return None
+        self.engine.eval()
+        with torch.no_grad():
+            losses = [float(self.loss_fn(self.engine, micro)) for micro in self.eval_batches]
+        self.engine.train()
+        return all_reduce_mean([sum(losses) / len(losses)], self.device)[0]
+
+    # ---- logging ---------------------------------------------------------------------------------
+
+    def log_step(self, result: StepResult, loss: float, is_last: bool) -> dict:
+        """Log the step's row and return it ({} when nothing is due).
+
+        Train metrics every `logging.every` steps and at the first and last; the val loss every
+        `eval.every` steps and at the last (an eval-only row carries no throughput figures).
+        """
+        step = self.state.step
+        row: dict = {}
+        if due(step, self.cfg.logging.every, is_last) or step == 1:
+            row = self.train_row(result, loss)
+        if due(step, self.cfg.eval.every, is_last):
+            val_loss = self.evaluate()
+            if val_loss is not None:
+                row = row or self.loss_row(result, loss)
+                row.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+        if row:
+            row["elapsed_s"] = self.elapsed_s()
+            self.tracker.log(row)
+            self.last_row = row
+        return row
+
+    def loss_row(self, result: StepResult, loss: float) -> dict:
+        return {"step": self.state.step, "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                "tokens_per_s": None, "mfu": None, "mem_gb": None}
+
+    def train_row(self, result: StepResult, loss: float) -> dict:
+        tokens_per_s = self.throughput.take()
+        return self.loss_row(result, loss) | {
+            "tokens_per_s": tokens_per_s, "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world),
+            "mem_gb": memory_gb(self.device), "tokens": self.state.tokens, "epoch": self.state.epoch,
+        }
+
+    # ---- checkpoints and export ------------------------------------------------------------------
+
+    def save_checkpoint(self, metrics: dict) -> None:
+        """Every rank writes its part of a checkpoint and reports it; Ray Train merges the parts and keeps the last few."""
+        folder = checkpoint.save_checkpoint(self.engine, self.saved_state(), self.rank)
+        if self.cfg.checkpoint.export_hf:
+            self.export_model(folder / checkpoint.MODEL_SUBDIR)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=f"checkpoint_step{self.state.step:08d}")
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def saved_state(self) -> dict:
+        return self.state.to_saved(self.elapsed_s(), world_size=self.world, zero_stage=self.zero_stage, global_batch=self.batch_rows)
+
+    def export_model(self, target: Path) -> None:
+        """The weights as a Hugging Face model dir, written by rank 0 (every rank gathers under ZeRO-3)."""
+        weights = checkpoint.full_state_dict(self.engine, self.zero_stage)
+        if self.rank == 0:
+            source = {"kind": self.kind, "step": self.state.step, "run_dir": str(self.run_dir)}
+            save_model_dir(target, weights, self.cfg.model, self.loop_config["tokenizer_dir"], source=source)
+
+    def finish(self) -> None:
+        """The model dir of the run, and the tracker closed."""
+        self.export_model(self.run_dir / checkpoint.MODEL_SUBDIR)
+        self.tracker.finish()
+        if self.rank == 0:
+            print(f"[raylm] rank 0 done at step {self.state.step}; last logged: {self.last_row}", flush=True)
