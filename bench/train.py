@@ -65,7 +65,8 @@ def train_rows(dataset_dir: Path) -> np.ndarray:
 def bare_loop_tokens_per_s(cfg, rows: np.ndarray, global_batch: int, steps: int = 14, warmup: int = 4) -> float:
     """Single process, all cores: the same model, batch, AdamW and clipping as raylm's fp32 CPU path."""
     from raylm.model.transformer import Transformer
-    from raylm.training.loop import learning_rate, param_groups
+    from raylm.training.engine import param_groups
+    from raylm.training.schedule import learning_rate
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
@@ -115,7 +116,7 @@ def count_engine_bytes(loop_config: dict) -> None:
     from raylm.core.config import from_dict
     from raylm.training.config import TrainConfig
     from raylm.training.deepspeed_config import build_ds_config
-    from raylm.training.loop import build_model, param_groups
+    from raylm.training.engine import build_model, param_groups
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()

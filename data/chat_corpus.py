@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.config import from_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
@@ -45,8 +46,8 @@ MAX_ANSWER_CHARS = 700
 
 @dataclass
 class ChatCorpusConfig:
-    source: str  # only `stdlib`: the interpreter's standard library
     out: str  # the JSONL file to write
+    source: str = "stdlib"  # only `stdlib`: the interpreter's standard library
     max_records: int | None = None  # keep only the first N conversations of the fixed shuffle
 
     def validate(self) -> None:
@@ -176,10 +177,8 @@ def write_jsonl_atomically(records: list[dict], out: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> ChatCorpusConfig:
     parser = argparse.ArgumentParser(prog="raylm prepare-chat", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="stdlib", help="only `stdlib`")
-    parser.add_argument("--out", required=True, help="JSONL file to write")
-    parser.add_argument("--max-records", type=int, default=None)
-    return from_dict(ChatCorpusConfig, vars(parser.parse_args(argv)))
+    add_config_flags(parser, ChatCorpusConfig)
+    return from_dict(ChatCorpusConfig, config_values(parse_command_line(parser, argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from raylm import __version__
+from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.config import from_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
@@ -74,23 +75,8 @@ class PrepareConfig:
 
 def parse_args(argv: list[str] | None) -> PrepareConfig:
     parser = argparse.ArgumentParser(prog="raylm prepare", description=__doc__.split("\n\n")[0])
-    defaults = PrepareConfig(source="", out="")
-    parser.add_argument("--source", required=True, help="stdlib | PATH | GLOB | hf:NAME[:CONFIG][@SPLIT] | s3://… | gs://… | file://…")
-    parser.add_argument("--out", required=True, help="dataset dir to write")
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
-    parser.add_argument("--tokenizer", default=None, help="reuse a tokenizer.json or HF tokenizer dir")
-    parser.add_argument("--tokenizer-sample-bytes", type=int, default=defaults.tokenizer_sample_bytes)
-    parser.add_argument("--text-field", default=defaults.text_field, help="JSON field / Parquet column holding the text")
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--max-docs", type=int, default=None, help="only the first N documents (a fixed sample)")
-    parser.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate documents")
-    parser.add_argument("--max-doc-bytes", type=int, default=defaults.max_doc_bytes)
-    parser.add_argument("--shard-tokens", type=int, default=defaults.shard_tokens)
-    parser.add_argument("--chunk-chars", type=int, default=defaults.chunk_chars)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset dir")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
-    return from_dict(PrepareConfig, vars(parser.parse_args(argv)))
+    add_config_flags(parser, PrepareConfig)
+    return from_dict(PrepareConfig, config_values(parse_command_line(parser, argv)))
 
 
 # ---- output dir -----------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 `build_app(args)` is the `import_path` of serving/configs/serve.yaml, so `serve run` / `serve deploy`
 of that file (or `serve run raylm.serving.app:build_app model=DIR`) build the same app that
-`raylm serve` runs. Deployment options (autoscaling, queue limits, CPUs/GPUs per replica, health
-checks, graceful shutdown) come from the config file; the decorator's values are the fallbacks
-when the builder is run bare.
+`raylm serve` runs. Each default is written once: the args' in `AppArgs` (the engine's own from
+`EngineConfig`), the deployment options (autoscaling, queue limits, CPUs/GPUs per replica, health
+checks, graceful shutdown) and the HTTP address in serving/configs/serve.yaml, which the decorator
+reads. Another config file overrides those options one by one, as Serve's config files do.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 from ray import serve
 
-from raylm.core.config import from_dict, parse_override
+from raylm.core.config import from_dict, read_yaml, value_from_text
 from raylm.core.errors import UserError
+from raylm.inference.engine import EngineConfig
 
 API_KEY_ENV = "RAYLM_API_KEY"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "serve.yaml"
+IMPORT_PATH = "raylm.serving.app:build_app"
 log = logging.getLogger(__name__)
 
 
@@ -30,12 +35,12 @@ class AppArgs:
     model: str  # the model dir (HF Llama format: config.json, model.safetensors, tokenizer files)
     model_name: str = ""  # the id clients ask for as `model`; "" = the model dir's name
     api_key: str = ""  # required as `Authorization: Bearer ...` when set; "" = RAYLM_API_KEY or none
-    max_batch_size: int = 32  # sequences decoded together per replica (KV cache slots)
-    max_model_len: int = 0  # longest prompt + output; 0 = the model's context
+    max_batch_size: int = EngineConfig.max_batch_size  # sequences decoded together per replica (KV cache slots)
+    max_model_len: int = EngineConfig.max_model_len  # longest prompt + output; 0 = the model's context
     max_body_bytes: int = 1 << 20  # request bodies above this get 413
     stream_interval_s: float = 0.0  # least time between two SSE writes of a stream; > 0 trades smoothness for throughput
-    device: str = "auto"  # cpu | cuda | auto (cuda when the replica has a GPU)
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)
+    device: str = EngineConfig.device  # cpu | cuda | auto (cuda when the replica has a GPU)
+    dtype: str = EngineConfig.dtype  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)
 
     def validate(self) -> None:
         if self.max_body_bytes < 1024:
@@ -44,13 +49,41 @@ class AppArgs:
 
 def parse_app_args(args: dict) -> AppArgs:
     """Builder args -> AppArgs. `serve run ... key=value` passes every value as a string."""
-    numeric = {f.name for f in dataclasses.fields(AppArgs) if f.type in ("int", int, "float", float)}
-    parsed = {k: parse_override(f"{k}={v}")[1] if k in numeric and isinstance(v, str) else v for k, v in args.items()}
-    app_args = from_dict(AppArgs, parsed, prefix="args.")
+    hints = get_type_hints(AppArgs)
+    typed = {k: value_from_text(v, hints[k], f"args.{k}") if isinstance(v, str) and k in hints else v for k, v in args.items()}
+    app_args = from_dict(AppArgs, typed, prefix="args.")
     if not Path(app_args.model).is_dir():
         raise UserError(f"args.model: model dir {app_args.model!r} does not exist")
     # Replicas may not share the builder's working directory.
     return dataclasses.replace(app_args, model=str(Path(app_args.model).resolve()))
+
+
+def read_serve_config(path: str | Path):
+    """A Ray Serve config file (a ServeDeploySchema), validated by Serve's schema, whose first
+    application is raylm's with at most one deployment (LLMServer)."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        config = ServeDeploySchema(**read_yaml(path))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"serve config {str(path)!r}: {where}: {first['msg']}") from None
+    if not config.applications:
+        raise UserError(f"serve config {str(path)!r} has no applications")
+    app = config.applications[0]
+    if app.import_path != IMPORT_PATH:
+        raise UserError(f"serve config {str(path)!r}: import_path is {app.import_path!r}, expected {IMPORT_PATH!r}")
+    if len(app.deployments) > 1:
+        raise UserError(f"serve config {str(path)!r}: expected one deployment (LLMServer), found {len(app.deployments)}")
+    return config
+
+
+def deployment_options(config) -> dict:
+    """The LLMServer options a serve config sets, as Serve applies them (options not set keep the decorator's)."""
+    deployments = config.applications[0].deployments
+    return deployments[0].model_dump(exclude_unset=True) if deployments else {}
 
 
 def replica_cpu_threads() -> int:
@@ -74,18 +107,13 @@ def export_engine_metrics(engine, stop: threading.Event, period_s: float = 2.0) 
                 gauges[name].set(value)
 
 
-@serve.deployment(
-    name="LLMServer",
-    max_ongoing_requests=48,
-    max_queued_requests=64,
-    backpressure_config={"status_code": 429, "retry_after_s": 2},
-    ray_actor_options={"num_cpus": 1},
-    graceful_shutdown_timeout_s=30,
-)
+# serve.yaml's options, so that the builder run bare (`serve run raylm.serving.app:build_app`) deploys
+# what `raylm serve` does, and a config file's options override them one by one.
+@serve.deployment(**deployment_options(read_serve_config(DEFAULT_CONFIG)))
 @serve.ingress()
 class LLMServer:
     def __init__(self, args: AppArgs):
-        from raylm.inference.engine import Engine, EngineConfig, EngineLoop
+        from raylm.inference.engine import Engine, EngineLoop
 
         config = EngineConfig(
             max_batch_size=args.max_batch_size,
@@ -125,8 +153,8 @@ def build_app(args: dict) -> serve.Application:
     return configured_app(args, None)
 
 
-def configured_app(args: dict, deployment_options: dict | None) -> serve.Application:
+def configured_app(args: dict, options: dict | None) -> serve.Application:
     """The Serve application for `args` (see AppArgs), with deployment options as a config file gives them."""
     app_args = parse_app_args(args)
-    deployment = LLMServer.options(**deployment_options) if deployment_options else LLMServer
+    deployment = LLMServer.options(**options) if options else LLMServer
     return deployment.bind(app_args)

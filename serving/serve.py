@@ -1,10 +1,12 @@
 """`raylm serve`: a model dir behind the OpenAI-compatible API on Ray Serve, in the foreground.
 
-    raylm serve --model MODEL_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--config FILE]
+    raylm serve --model MODEL_DIR [--host HOST] [--port PORT] [--api-key KEY] [--config FILE]
+                [--max-batch-size N ...any other app arg]
 
 The config file is a Ray Serve config (serving/configs/serve.yaml by default): its first
-application's args and deployment options are used, with --model, --api-key (or RAYLM_API_KEY),
---host and --port taking precedence. Ctrl-C or SIGTERM stops it: Serve is shut down, and so is the
+application's args and deployment options are used, and its http_options give the address (the
+default file's where it sets none). --model, --api-key (or RAYLM_API_KEY), the other app-arg flags,
+--host and --port take precedence. Ctrl-C or SIGTERM stops it: Serve is shut down, and so is the
 Ray cluster when this command started it. `start_serving` is the same thing for in-process callers
 (the demo), returning the base URL without blocking.
 """
@@ -16,77 +18,79 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.entry import run_main
-from raylm.core.errors import UserError
+from raylm.serving.app import (
+    API_KEY_ENV,
+    DEFAULT_CONFIG,
+    AppArgs,
+    configured_app,
+    deployment_options,
+    read_serve_config,
+)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "serve.yaml"
-
-
-def read_serve_config(path: str | Path):
-    """The config file's first application (a ServeApplicationSchema), validated by Serve's schema."""
-    from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
-
-    from raylm.core.config import read_yaml
-
-    try:
-        config = ServeDeploySchema(**read_yaml(path))
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"serve config {str(path)!r}: {where}: {first['msg']}") from None
-    if not config.applications:
-        raise UserError(f"serve config {str(path)!r} has no applications")
-    app = config.applications[0]
-    if app.import_path != "raylm.serving.app:build_app":
-        raise UserError(f"serve config {str(path)!r}: import_path is {app.import_path!r}, expected 'raylm.serving.app:build_app'")
-    if len(app.deployments) > 1:
-        raise UserError(f"serve config {str(path)!r}: expected one deployment (LLMServer), found {len(app.deployments)}")
-    return app
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def start_serving(
-    model_dir: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    config: str | Path | None = None,
-    blocking: bool = False,
-) -> str:
-    """Deploy `model_dir` on the Ray cluster (joined or started here) and return its base URL.
+@dataclass
+class ServingPlan:
+    """What `raylm serve` runs, checked before any Ray starts."""
 
-    Stop it with `serve.shutdown()`. With `blocking`, serve until Ctrl-C/SIGTERM, then shut down.
-    """
-    from ray import serve
+    app: Any  # the ray.serve.Application
+    name: str  # the application's name in Serve
+    route_prefix: str
+    http: dict[str, Any]  # serve.start's http_options
 
-    from raylm.core.ray_cluster import init_ray
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.http['host']}:{self.http['port']}{self.route_prefix.rstrip('/')}"
+
+
+def http_options(config, host: str | None, port: int | None) -> dict[str, Any]:
+    """serve.start's http_options: --host/--port over the config file's over the default file's."""
+    given = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    default = read_serve_config(DEFAULT_CONFIG).http_options.model_dump(exclude_unset=True)
+    return {**default, **config.http_options.model_dump(exclude_unset=True), **given}
+
+
+def plan_serving(model_dir: str, host: str | None, port: int | None, api_key: str | None, config: str | Path | None, app_args: dict[str, Any] | None = None) -> ServingPlan:
+    """The app for `model_dir` from a serve config (default serving/configs/serve.yaml), with
+    `app_args` (AppArgs fields) and `api_key` (else RAYLM_API_KEY) over the config's args."""
     from raylm.model.model_dir import read_model_config
-    from raylm.serving.app import API_KEY_ENV, configured_app
 
     read_model_config(model_dir)  # a bad model dir fails here, in one line, not inside a replica
-    application = read_serve_config(config or DEFAULT_CONFIG)
-    args = {**application.args, "model": str(Path(model_dir).resolve())}
+    serve_config = read_serve_config(config or DEFAULT_CONFIG)
+    application = serve_config.applications[0]
+    args = {**application.args, **(app_args or {}), "model": str(Path(model_dir).resolve())}
     api_key = api_key or os.environ.get(API_KEY_ENV)
     if api_key:
         args["api_key"] = api_key
-    elif host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {host} without an API key: anyone who can reach it can use it (set --api-key)", file=sys.stderr)
-    options = [d.model_dump(exclude_unset=True) for d in application.deployments]
-    app = configured_app(args, options[0] if options else None)
+    http = http_options(serve_config, host, port)
+    if not args.get("api_key") and http["host"] not in LOCAL_HOSTS:
+        print(f"warning: serving on {http['host']} without an API key: anyone who can reach it can use it (set --api-key)", file=sys.stderr)
+    app = configured_app(args, deployment_options(serve_config))
+    return ServingPlan(app, application.name, application.route_prefix or "/", http)
 
-    init_ray()
+
+def run_serving(plan: ServingPlan, blocking: bool) -> str:
+    """Deploy the plan on the Ray cluster this process is connected to; return its base URL.
+
+    With `blocking`, serve until Ctrl-C/SIGTERM, then shut Serve down.
+    """
+    from ray import serve
+
     # Ctrl-C / SIGTERM only set a flag from here on, so one that lands while the app is still
     # starting is still a clean stop after it started, never an exception halfway through.
     stop = StopSignal() if blocking else None
     try:
-        serve.start(http_options={"host": host, "port": port})
-        route_prefix = application.route_prefix or "/"
-        serve.run(app, name=application.name, route_prefix=route_prefix)
-        base_url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+        serve.start(http_options=plan.http)
+        serve.run(plan.app, name=plan.name, route_prefix=plan.route_prefix)
         if stop is not None:
-            print(f"serving at {base_url}/v1  (Ctrl-C stops)", flush=True)
+            print(f"serving at {plan.base_url}/v1  (Ctrl-C stops)", flush=True)
             while not stop.requested:
                 time.sleep(0.2)
             print("stopping", file=sys.stderr, flush=True)
@@ -94,7 +98,27 @@ def start_serving(
     finally:
         if stop is not None:
             stop.restore()
-    return base_url
+    return plan.base_url
+
+
+def start_serving(
+    model_dir: str,
+    host: str | None = None,
+    port: int | None = None,
+    api_key: str | None = None,
+    config: str | Path | None = None,
+    blocking: bool = False,
+) -> str:
+    """Deploy `model_dir` on the Ray cluster (joined or started here) and return its base URL.
+
+    Host and port default to the config file's http_options. Stop it with `serve.shutdown()`.
+    With `blocking`, serve until Ctrl-C/SIGTERM, then shut down.
+    """
+    from raylm.core.ray_cluster import init_ray
+
+    plan = plan_serving(model_dir, host, port, api_key, config)
+    init_ray()
+    return run_serving(plan, blocking)
 
 
 class StopSignal:
@@ -114,33 +138,35 @@ class StopSignal:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raylm serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model dir (Hugging Face Llama format)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--api-key", default=None, help="require this Bearer key (default: $RAYLM_API_KEY, else none)")
-    parser.add_argument("--config", default=None, help=f"Ray Serve config file (default {DEFAULT_CONFIG})")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
-    return parser.parse_args(argv)
+    http = read_serve_config(DEFAULT_CONFIG).http_options
+    parser.add_argument("--host", help=f"address to bind (default: the config file's http_options.host, else {http.host})")
+    parser.add_argument("--port", type=int, help=f"port (default: the config file's http_options.port, else {http.port})")
+    parser.add_argument("--config", help=f"Ray Serve config file (default {DEFAULT_CONFIG})")
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    add_config_flags(parser, AppArgs, note="the app's args; a default shown applies where the config file's args do not set the key")
+    return parse_command_line(parser, argv)
+
+
+def plan_command(argv: list[str] | None) -> tuple[ServingPlan, str | None]:
+    """`raylm serve ARGV` -> (what it serves, the Ray address to join), every check done, no Ray started."""
+    args = parse_args(argv)
+    app_args = config_values(args)
+    plan = plan_serving(app_args.pop("model"), args.host, args.port, app_args.pop("api_key", None), args.config, app_args)
+    return plan, args.address
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    plan, address = plan_command(argv)  # a bad model dir, config or flag fails before Ray starts
     import ray
+    from ray import serve
 
     from raylm.core.ray_cluster import init_ray
-    from raylm.model.model_dir import read_model_config
 
-    # Fail on a bad model dir or config before paying for a Ray cluster.
-    read_model_config(args.model)
-    read_serve_config(args.config or DEFAULT_CONFIG)
-
-    started_ray = not ray.is_initialized() and not (args.address or os.environ.get("RAY_ADDRESS"))
-    init_ray(args.address)
+    started_ray = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+    init_ray(address)
     try:
-        start_serving(args.model, args.host, args.port, args.api_key, args.config, blocking=True)
+        run_serving(plan, blocking=True)
     finally:
-        from ray import serve
-
         serve.shutdown()
         if started_ray:
             ray.shutdown()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
-from raylm.core.config import load_config
+from raylm.core.config import did_you_mean, load_config
 from raylm.core.errors import UserError
 from raylm.model.transformer import ModelConfig
 
@@ -199,14 +199,27 @@ def schedule_total_steps(cfg: TrainConfig) -> int:
     return cfg.schedule.total_steps or cfg.max_steps
 
 
+# Command-line flags of `raylm pretrain` and `raylm finetune` for nested keys (raylm.core.cli_args).
+FLAG_SHORTCUTS = {"num-workers": "scaling.num_workers", "zero-stage": "deepspeed.zero_stage"}
+
+
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
 def recipe_path(name_or_path: str) -> Path:
-    """`tiny` -> training/configs/tiny.yaml; anything else is a path."""
+    """`tiny` -> training/configs/tiny.yaml; anything else is a path to an existing file."""
     builtin = CONFIG_DIR / f"{name_or_path}.yaml"
     if "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")) and builtin.is_file():
         return builtin
+    if not Path(name_or_path).is_file():
+        raise UserError(
+            f"config {name_or_path!r}: no such recipe or YAML file{did_you_mean(name_or_path, recipe_names())}; "
+            f"the recipes in training/configs are {', '.join(recipe_names())}"
+        )
     return Path(name_or_path)
 
 
-def load_train_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
-    """A recipe (file or built-in name) + `key=value` overrides -> a validated TrainConfig."""
+def load_train_config(path: str | Path | None = None, overrides: Iterable[str | tuple[str, Any]] = ()) -> TrainConfig:
+    """A recipe (file or built-in name) + overrides (`key=value` or (key, value)) -> a validated TrainConfig."""
     return load_config(TrainConfig, recipe_path(str(path)) if path is not None else None, list(overrides))

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylm.core.config import load_config
+from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
+from raylm.core.config import load_config, override_pairs
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 from raylm.core.files import write_json_atomic
-from raylm.training.config import TrainConfig
+from raylm.training.config import FLAG_SHORTCUTS, TrainConfig, recipe_names, recipe_path
 from raylm.training.sft_data import (
     SftDataConfig,
     SftRows,
@@ -170,42 +171,36 @@ def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str |
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raylm finetune", description="Chat SFT of a Llama-format model dir on the shared train loop.")
-    parser.add_argument("--config", required=True, help="a recipe YAML, e.g. training/configs/sft-tiny.yaml")
+    recipes = ", ".join(name for name in recipe_names() if name.startswith("sft-"))
+    parser.add_argument("--config", required=True, help=f"a recipe name ({recipes}) or a YAML path; the settings below and key=value override it")
     parser.add_argument("--base", required=True, help="the starting model dir (Hugging Face Llama format; its tokenizer is used)")
     parser.add_argument("--data", required=True, help="chat records, JSONL ({'messages': [...]} or {'prompt', 'response'})")
     parser.add_argument("--out", required=True, help="the run dir (checkpoints, metrics, report.md, model/)")
-    parser.add_argument("--num-workers", type=int, help="shortcut for scaling.num_workers=N")
-    parser.add_argument("--max-steps", type=int, help="shortcut for max_steps=N")
     parser.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local one)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=1e-4")
-    return parser.parse_args(argv)
+    add_config_flags(parser, FinetuneConfig, FLAG_SHORTCUTS, note="a default shown applies where the recipe does not set the key")
+    return parse_command_line(parser, argv)
 
 
-def load_finetune_config(path: str, base: str, overrides: list[str]) -> FinetuneConfig:
+def load_finetune_config(path: str, base: str, overrides: list[str | tuple[str, Any]]) -> FinetuneConfig:
     """A recipe + overrides, with the `model` section taken from the base model dir's config.json.
 
     The architecture is the base's, so a recipe that sets `model.*` would only mislead: refused.
     """
     from raylm.core.config import read_yaml
     from raylm.model.model_dir import read_model_config
-    from raylm.training.config import recipe_path
 
     tree = read_yaml(recipe_path(path))
-    model_keys = ["model"] * ("model" in tree) + [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
+    pairs = override_pairs(overrides)
+    model_keys = ["model"] * ("model" in tree) + [key for key, _ in pairs if key.split(".")[0] == "model"]
     if model_keys:
-        raise UserError(f"config key {model_keys[0].split('=')[0]!r}: fine-tuning takes the model from --base's config.json; leave model.* out")
+        raise UserError(f"config key {model_keys[0]!r}: fine-tuning takes the model from --base's config.json; leave model.* out")
     tree["model"] = dataclasses.asdict(read_model_config(base))  # refuses other architectures and RoPE kinds
-    return load_config(FinetuneConfig, None, overrides, base=tree)
+    return load_config(FinetuneConfig, None, pairs, base=tree)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.num_workers is not None:
-        overrides.append(f"scaling.num_workers={args.num_workers}")
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    cfg = load_finetune_config(args.config, args.base, overrides)
+    cfg = load_finetune_config(args.config, args.base, [*args.overrides, *config_values(args).items()])
     finetune(cfg, args.base, args.data, args.out, args.address)
     return 0
 

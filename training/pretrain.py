@@ -28,13 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.config import to_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 from raylm.core.files import write_json_atomic
-from raylm.training.config import TrainConfig, global_batch, load_train_config
+from raylm.training.config import (
+    FLAG_SHORTCUTS,
+    TrainConfig,
+    global_batch,
+    load_train_config,
+    recipe_names,
+)
+from raylm.training.data_order import as_columns
 from raylm.training.deepspeed_config import resolve_precision
-from raylm.training.loop import as_columns
 from raylm.training.tracking import METRICS_FILE
 
 RUN_INFO_FILE = "run.json"
@@ -165,7 +172,7 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
         datasets={"train": train},
-        # Every worker reads the whole split in file order; the loop derives its share (see loop.py).
+        # Every worker reads the whole split in file order; the loop derives its share (training/data_order.py).
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     started = time.time()
@@ -219,25 +226,18 @@ def check_dataset_fits(manifest: dict, cfg: TrainConfig, data_dir: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raylm pretrain", description="Pretrain on a dataset dir with Ray Train + DeepSpeed ZeRO.")
-    parser.add_argument("--config", required=True, help="a recipe name (debug, tiny, gpt2-124m, 350m, 1b, 7b) or a YAML path")
+    recipes = ", ".join(name for name in recipe_names() if not name.startswith("sft-"))
+    parser.add_argument("--config", required=True, help=f"a recipe name ({recipes}) or a YAML path; the settings below and key=value override it")
     parser.add_argument("--data", required=True, help="dataset dir written by `raylm prepare`")
     parser.add_argument("--out", required=True, help="run dir; re-running the command resumes it")
-    parser.add_argument("--num-workers", type=int, help="shortcut for scaling.num_workers=N")
-    parser.add_argument("--zero-stage", type=int, help="shortcut for deepspeed.zero_stage=S")
-    parser.add_argument("--max-steps", type=int, help="shortcut for max_steps=N")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=1e-3")
-    return parser.parse_args(argv)
-
-
-def shortcut_overrides(args: argparse.Namespace) -> list[str]:
-    pairs = [("scaling.num_workers", args.num_workers), ("deepspeed.zero_stage", args.zero_stage), ("max_steps", args.max_steps)]
-    return [f"{key}={value}" for key, value in pairs if value is not None]
+    add_config_flags(parser, TrainConfig, FLAG_SHORTCUTS, note="a default shown applies where the recipe does not set the key")
+    return parse_command_line(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_train_config(args.config, [*args.overrides, *shortcut_overrides(args)])
+    cfg = load_train_config(args.config, [*args.overrides, *config_values(args).items()])
     manifest, train_paths, val_paths = dataset_splits(args.data)
     check_dataset_fits(manifest, cfg, args.data)
 

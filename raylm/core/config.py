@@ -2,13 +2,15 @@
 
 `load_config(Cls, path, overrides)` builds a dataclass tree and refuses anything it does not
 know: an unknown key or a value of the wrong type is a UserError that names the dotted key
-(`optimizer.lr`) and the type that would be right. Field docs live next to each field, as
-comments in the dataclasses that use this.
+(`optimizer.lr`) and what would be right (the nearest known key, the expected type). Field docs live
+next to each field, as trailing `# ...` comments in the dataclasses that use this; `raylm.core.cli_args`
+turns them into command-line help.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -21,17 +23,26 @@ from raylm.core.errors import UserError
 T = TypeVar("T")
 
 
-def _type_name(tp: Any) -> str:
+def did_you_mean(word: str, known: typing.Iterable[str], prefix: str = "") -> str:
+    """` (did you mean 'x'?)` for the nearest of `known` (shown after `prefix`), or "" when none is close.
+
+    Matched without the prefix: a long shared `section.` would make any two keys look alike.
+    """
+    nearest = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {prefix + nearest[0]!r}?)" if nearest else ""
+
+
+def type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
+        return " | ".join(type_name(a) for a in get_args(tp))
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it (converted where lossless)."""
     origin = get_origin(tp)
     if tp is Any:
@@ -39,10 +50,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         for option in get_args(tp):
             try:
-                return _coerce(value, option, key)
+                return coerce(value, option, key)
             except UserError:
                 continue
-        raise UserError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+        raise UserError(f"config key {key!r}: expected {type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
@@ -50,7 +61,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise UserError(f"config key {key!r}: expected one of {_type_name(tp)}, got {value!r}")
+        raise UserError(f"config key {key!r}: expected one of {type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"config key {key!r}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -59,7 +70,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {key!r}: expected a list, got {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
@@ -81,7 +92,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif isinstance(value, tp):
         return value
-    raise UserError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    raise UserError(f"config key {key!r}: expected {type_name(tp)}, got {value!r}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -90,9 +101,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        known = ", ".join(sorted(fields))
-        raise UserError(f"unknown config key {prefix + unknown[0]!r} (known keys here: {known})")
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+        hint = did_you_mean(unknown[0], fields, prefix) or f" (known keys here: {', '.join(sorted(fields))})"
+        raise UserError(f"unknown config key {prefix + unknown[0]!r}{hint}")
+    kwargs = {name: coerce(value, hints[name], prefix + name) for name, value in data.items()}
     try:
         obj = cls(**kwargs)
     except TypeError as err:  # a required field left out
@@ -126,6 +137,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise UserError(f"override {text!r} has an empty key")
+    return key, parse_scalar(raw)
+
+
+def parse_scalar(raw: str) -> Any:
+    """Command-line text read as YAML: `3` -> 3, `true` -> True, `[a, b]` -> a list, `x` -> "x"."""
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -136,7 +152,20 @@ def parse_override(text: str) -> tuple[str, Any]:
             value = float(value)
         except ValueError:
             pass
-    return key, value
+    return value
+
+
+def value_from_text(text: str, tp: Any, key: str) -> Any:
+    """Command-line text as a value of type `tp`: read as YAML when that fits, else taken as it is.
+
+    So `--max-docs 5` is 5 and `--text-field 123` or `--api-key true` stay strings.
+    """
+    for value in (parse_scalar(text), text):
+        try:
+            return coerce(value, tp, key)
+        except UserError:
+            continue
+    raise UserError(f"config key {key!r}: expected {type_name(tp)}, got {text!r}")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -155,14 +184,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(
     cls: type[T],
     path: str | Path | None = None,
-    overrides: typing.Iterable[str] = (),
+    overrides: typing.Iterable[str | tuple[str, Any]] = (),
     base: dict[str, Any] | None = None,
 ) -> T:
-    """YAML file (or `base` dict) + `key=value` overrides -> a validated `cls` instance."""
+    """YAML file (or `base` dict) + overrides -> a validated `cls` instance.
+
+    An override is `key=value` text (the value read as YAML) or a (dotted key, value) pair, as
+    command-line flags give them (raylm.core.cli_args); later ones win.
+    """
     tree: dict[str, Any] = dict(base or {})
     if path is not None:
         tree = read_yaml(path)
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in override_pairs(overrides):
         _set_dotted(tree, key, value)
     return from_dict(cls, tree)
+
+
+def override_pairs(overrides: typing.Iterable[str | tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [parse_override(item) if isinstance(item, str) else item for item in overrides]
