@@ -23,6 +23,7 @@ import uuid
 
 from raylm.cluster.client import connect, job_errors_as_user_errors, resolve_address
 from raylm.cluster.runtime_env import build_runtime_env, parse_env_assignments
+from raylm.core.commands import COMMANDS
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 
@@ -35,10 +36,8 @@ AGENT_WAIT_S = 60.0  # how long a freshly started head may take to accept jobs
 
 
 def submittable_stages() -> dict[str, str]:
-    """stage name -> module, from the CLI's own table so the two cannot disagree."""
-    from raylm.cli import SUBCOMMANDS
-
-    return {name: module for name, (module, _) in SUBCOMMANDS.items() if name not in NOT_SUBMITTABLE}
+    """stage name -> module, from the same table the CLI reads so the two cannot disagree."""
+    return {name: module for name, (module, _) in COMMANDS.items() if name not in NOT_SUBMITTABLE}
 
 
 def build_entrypoint(stage: str, stage_args: list[str]) -> str:

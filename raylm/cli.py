@@ -11,32 +11,19 @@ from __future__ import annotations
 import importlib
 import sys
 
+from raylm.core.commands import COMMANDS
 from raylm.core.errors import UserError
-
-# subcommand -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("raylm.data.prepare", "corpus -> tokenizer + packed Parquet shards (a dataset dir)"),
-    "prepare-chat": ("raylm.data.chat_corpus", "write the embedded chat set (JSONL) for fine-tuning"),
-    "pretrain": ("raylm.training.pretrain", "train a model from scratch on a dataset dir"),
-    "finetune": ("raylm.training.finetune", "chat SFT of a model dir on a chat JSONL"),
-    "generate": ("raylm.inference.generate", "sample from a model dir locally"),
-    "serve": ("raylm.serving.serve", "serve a model dir behind an OpenAI-compatible API"),
-    "submit": ("raylm.cluster.submit", "run any stage as a Ray job on a cluster"),
-    "jobs": ("raylm.cluster.jobs", "status, logs or stop of a submitted Ray job"),
-    "demo": ("raylm.demo", "the whole journey on the embedded corpus"),
-}
 
 
 def usage() -> str:
-    width = max(len(name) for name in SUBCOMMANDS)
+    width = max(len(name) for name in COMMANDS)
     lines = ["usage: raylm <command> [options]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Run `raylm <command> --help` for a command's options."]
     return "\n".join(lines)
 
-
 def run_subcommand(name: str, argv: list[str]) -> int:
-    module = importlib.import_module(SUBCOMMANDS[name][0])
+    module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(argv) or 0)
     except UserError as err:
@@ -45,7 +32,6 @@ def run_subcommand(name: str, argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"raylm {name}: interrupted", file=sys.stderr)
         return 130
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -57,11 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"raylm {__version__}")
         return 0
-    if argv[0] not in SUBCOMMANDS:
+    if argv[0] not in COMMANDS:
         print(f"raylm: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     return run_subcommand(argv[0], argv[1:])
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ from raylm.data.chat_corpus import build_chat_records
 from raylm.data.chat_corpus import main as prepare_chat_main
 from raylm.data.sources import stdlib_files
 from raylm.data.tokenizer import save_tokenizer, train_tokenizer
-from raylm.model.chat import IM_END, encode_chat, render_chat
+from raylm.model.chat import IM_END, encode_chat, render_chat, trained_spans
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +188,105 @@ def test_prepare_chat_cli_is_deterministic_and_readable(tmp_path, capsys, chat_r
     assert not list(tmp_path.glob(".*partial*"))
     with pytest.raises(UserError, match="stdlib"):
         prepare_chat_main(["--source", "wikipedia", "--out", str(out)])
+
+
+# ---- the loss mask against transformers' and TRL's assistant masks ---------------------------------
+
+PARITY_CASES = EDGE_CASES[:2] + EDGE_CASES[3:] + [
+    [
+        {"role": "system", "content": "You are a terse Python tutor."},
+        {"role": "user", "content": "What does `len` return?"},
+        {"role": "assistant", "content": "The number of items in a container."},
+        {"role": "user", "content": "And for a dict?"},
+        {"role": "assistant", "content": "The number of keys."},
+        {"role": "user", "content": "Show me."},
+        {"role": "assistant", "content": "```python\nlen({'a': 1, 'b': 2})  # 2\n```"},
+    ],
+    [
+        {"role": "system", "content": "Answer in French. Réponds brièvement."},
+        {"role": "user", "content": "Bonjour ! 🤖"},
+        {"role": "assistant", "content": "Bonjour, que puis-je faire ?"},
+        {"role": "user", "content": "Rien, merci."},
+        {"role": "assistant", "content": "D'accord — à bientôt."},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "def f(x):\n    return x * 2\nWhat is f(3)?"},
+        {"role": "assistant", "content": "6"},
+    ],
+]
+# Content that opens with blank lines: the header's newline and the content's first one merge into
+# one token, which straddles the start of the trained span.
+STRADDLING_CASE = EDGE_CASES[2]
+
+
+def straddling_tokens(tokenizer, messages) -> set[int]:
+    """Indices of tokens that cross the start of a trained span (part header, part content)."""
+    offsets = tokenizer.encode(render_chat(messages), add_special_tokens=False).offsets
+    starts = [start for start, _ in trained_spans(messages)]
+    return {i for i, (lo, hi) in enumerate(offsets) if any(lo < start < hi for start in starts)}
+
+
+def transformers_assistant_mask(hf_tokenizer, messages) -> tuple[list[int], list[bool]]:
+    out = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+
+
+def test_loss_mask_equals_transformers_assistant_mask(tokenizer, hf_tokenizer, chat_records):
+    # Same convention on both sides, no shift: mask[i] True means token i is a trained label
+    # (transformers marks the tokens rendered inside {% generation %}: assistant content + <|im_end|>).
+    cases = PARITY_CASES + [r["messages"] for r in chat_records[:300]]
+    assert sum(m["role"] == "system" for c in cases for m in c) >= 4 and max(sum(m["role"] == "assistant" for m in c) for c in cases) == 3
+    for messages in cases:
+        ids, mask = encode_chat(tokenizer, messages)
+        hf_ids, hf_mask = transformers_assistant_mask(hf_tokenizer, messages)
+        assert hf_ids == ids
+        assert straddling_tokens(tokenizer, messages) == set()
+        assert hf_mask == mask, render_chat(messages)
+
+
+def test_a_straddling_token_is_the_one_deliberate_difference_from_transformers(tokenizer, hf_tokenizer):
+    # transformers marks every token that holds any character of the {% generation %} span, so a
+    # token merging the header's newline with the content's first one is trained there. encode_chat
+    # counts it as header: at inference the prompt ends with the header's own "\n" token, so the
+    # model never has to emit that merged token. Everywhere else the masks are equal.
+    ids, mask = encode_chat(tokenizer, STRADDLING_CASE)
+    hf_ids, hf_mask = transformers_assistant_mask(hf_tokenizer, STRADDLING_CASE)
+    assert hf_ids == ids
+    straddling = straddling_tokens(tokenizer, STRADDLING_CASE)
+    assert len(straddling) == 1 and tokenizer.decode([ids[min(straddling)]]) == "\n\n"
+    assert [i for i, (ours, theirs) in enumerate(zip(mask, hf_mask)) if ours != theirs] == sorted(straddling)
+    assert not any(mask[i] for i in straddling) and all(hf_mask[i] for i in straddling)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # TRL's own SFTConfig
+def test_trl_sft_trainer_trains_exactly_our_masked_tokens(tokenizer, hf_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # everything TRL needs is local
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    conversations = [PARITY_CASES[1], PARITY_CASES[4]]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(hf_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512))
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, max_steps=1, per_device_train_batch_size=2,
+                     report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no", dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": c} for c in conversations]),
+                         processing_class=hf_tokenizer)
+    assert trainer.chat_template is None  # TRL kept our template: it found its {% generation %} marks
+    assert is_chat_template_stop_token_trained(hf_tokenizer)  # and it trains <|im_end|>, so the model learns to stop
+
+    rows = [trainer.train_dataset[i] for i in range(len(conversations))]
+    batch = trainer.data_collator(rows)
+    for row, messages in enumerate(conversations):
+        ids, mask = encode_chat(tokenizer, messages)
+        n = len(ids)
+        assert batch["input_ids"][row, :n].tolist() == ids
+        assert (batch["labels"][row, :n] != -100).tolist() == mask
+        assert (batch["labels"][row, n:] == -100).all()  # padding is never trained
+        assert batch["labels"][row, :n][torch.tensor(mask)].tolist() == [t for t, m in zip(ids, mask) if m]
+    assert trainer.train().global_step == 1  # and it trains on it

@@ -33,6 +33,18 @@ def train_tokenizer(records: list[list[dict]], path):
     return path
 
 
+def transformers_greedy_chat(model_dir, prompt: str, max_new_tokens: int) -> str:
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, ray_cluster):
     from tiny_artifacts import make_model_dir
@@ -72,8 +84,12 @@ def test_report_shows_losses_and_answers_before_and_after(sft_run):
 def test_finetuned_model_dir_answers_through_raylm_generate(sft_run, capsys):
     model = sft_run["out"] / "model"
     assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+    prompt = "What does `json.dumps` do?"
     capsys.readouterr()
-    assert raylm(["generate", "--model", str(model), "--prompt", "What does `json.dumps` do?", "--chat", "--max-tokens", "16"]) == 0
-    assert capsys.readouterr().out.strip()
+    assert raylm(["generate", "--model", str(model), "--prompt", prompt, "--chat", "--max-tokens", "16"]) == 0
+    printed = capsys.readouterr().out
+    # Exactly transformers' greedy answer to the same chat prompt, stopping at the same end tokens.
+    expected = transformers_greedy_chat(model, prompt, 16)
+    assert expected.strip() and printed == expected + "\n"
     # The tokenizer is the base's own.
     assert (model / "tokenizer.json").read_bytes() == (sft_run["base"] / "tokenizer.json").read_bytes()

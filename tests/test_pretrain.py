@@ -17,6 +17,7 @@ A resumed run's W&B histories prove it resumed: one run id, the second attempt s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -208,17 +209,25 @@ def test_zero3_export_loads_in_transformers_with_equal_logits(zero3):
 def test_greedy_generate_matches_transformers(zero3):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from raylm.inference.engine import Engine, EngineConfig
     from raylm.inference.generate import generate_texts
+    from raylm.inference.sampling import SamplingParams
 
     model_dir = zero3 / "model"
-    prompt = "import os\n"
+    prompt, n = "import os\n", 24
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    out = hf.generate(ids, max_new_tokens=12, do_sample=False)
-    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    (ours,) = generate_texts(model_dir, [prompt], max_tokens=12, temperature=0.0)
-    assert expected.startswith(ours) and ours  # ours may stop early at an end token
+    ids = tokenizer(prompt)["input_ids"]
+    # The same n token ids, end tokens or not: neither side may stop early.
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
+    engine = Engine(model_dir, EngineConfig(max_batch_size=1))
+    assert engine.encode_prompt(prompt) == ids
+    [(_, ours, reason)] = engine.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    assert len(theirs) == n and ours == theirs and reason == "length"
+    # And the text, each side stopping at the model's end tokens.
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert generate_texts(model_dir, [prompt], max_tokens=n, temperature=0.0) == [expected]
 
 
 # ---- W&B ---------------------------------------------------------------------------------------
@@ -236,15 +245,26 @@ def test_wandb_offline_run_holds_the_loss_history(zero2):
 
 @pytest.mark.parametrize(
     "override, named",
-    [("deepspeed.zero_stag=2", "deepspeed.zero_stag"), ("data.micro_batch=four", "data.micro_batch"),
+    [("deepspeed.zero_stag=2", "unknown config key 'deepspeed.zero_stag' (did you mean 'deepspeed.zero_stage'?)"),
+     ("data.micro_batch=four", "config key 'data.micro_batch': expected int"),
      ("deepspeed.zero_stage=5", "deepspeed.zero_stage"), ("schedule.kind=linear", "schedule.kind"),
      ("deepspeed.offload_params=true", "deepspeed.offload_params")],
 )
 def test_config_errors_name_the_key(override, named):
     from raylm.training.config import load_train_config
 
-    with pytest.raises(UserError, match=named.replace(".", r"\.")):
+    with pytest.raises(UserError, match=re.escape(named)):
         load_train_config("debug", [override])
+
+
+def test_command_line_errors_name_the_nearest_flag_or_recipe(capsys):
+    from raylm.training.pretrain import main
+
+    with pytest.raises(SystemExit):
+        main(["--config", "debug", "--data", "d", "--out", "o", "--zero-satge", "2"])
+    assert "unknown option '--zero-satge' (did you mean '--zero-stage'?)" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"config 'tinyy': no such recipe or YAML file \(did you mean 'tiny'\?\); the recipes .* debug, .* tiny"):
+        main(["--config", "tinyy", "--data", "d", "--out", "o"])
 
 
 def test_a_dataset_that_does_not_fit_the_config_is_refused(dataset_dir):
