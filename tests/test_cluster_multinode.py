@@ -29,6 +29,10 @@ def run_two_node_pretrain(workdir: Path) -> dict:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway cluster on loopback
     temp_dir = tempfile.mkdtemp(prefix="rlmn", dir="/tmp")  # short: Ray's unix socket paths
+    # Cluster writes its address to $RAY_TMPDIR/ray/ray_current_cluster; keep that file inside our temp
+    # dir so it neither needs /tmp/ray to exist nor repoints `ray.init()` of another cluster here.
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     node = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20}
     cluster = Cluster(
         initialize_head=True,
