@@ -275,9 +275,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from raylm.core.ray_cluster import init_ray
 
-    started_ray = not ray.is_initialized()
-    # The train loop prints a line per logged step; Ray Data's per-worker bars would bury it.
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    connected_here = not ray.is_initialized()
+    own_cluster = connected_here and not (args.address or os.environ.get("RAY_ADDRESS"))  # it ends with us
     init_ray(args.address)
     answers: list[tuple[str, str]] = []
     serving = False
@@ -318,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nstopping", file=sys.stderr)
     finally:
         if serving:
-            from ray import serve
+            from raylm.serving.serve import stop_serving
 
-            serve.shutdown()
-        if started_ray:
+            stop_serving(cluster_ends=own_cluster)  # why not serve.shutdown() alone: see stop_serving
+        if connected_here:
             ray.shutdown()
     return 0
 

@@ -79,7 +79,7 @@ def plan_serving(model_dir: str, host: str | None, port: int | None, api_key: st
 def run_serving(plan: ServingPlan, blocking: bool) -> str:
     """Deploy the plan on the Ray cluster this process is connected to; return its base URL.
 
-    With `blocking`, serve until Ctrl-C/SIGTERM, then shut Serve down.
+    With `blocking`, serve until Ctrl-C/SIGTERM, then return; the caller stops Serve (`stop_serving`).
     """
     from ray import serve
 
@@ -94,11 +94,35 @@ def run_serving(plan: ServingPlan, blocking: bool) -> str:
             while not stop.requested:
                 time.sleep(0.2)
             print("stopping", file=sys.stderr, flush=True)
-            serve.shutdown()
     finally:
         if stop is not None:
             stop.restore()
     return plan.base_url
+
+
+def stop_serving(cluster_ends: bool) -> None:
+    """Take Serve down; `cluster_ends` when this process started the Ray cluster and shuts it down next.
+
+    Ray Serve 2.60's `serve.shutdown()` waits on a call to its controller that never returns: the
+    controller kills itself when its teardown is done. The controller is an actor with infinite
+    task retries, so the caller's Ray worker reports the killed call on the console ("Task
+    ServeController.graceful_shutdown failed. There are infinite retries remaining, ...") before
+    the call fails and Serve swallows the error. Where the cluster ends anyway, deleting the apps
+    (their replicas drain and stop) and leaving the controller and proxies to `ray.shutdown()` is as
+    graceful and prints nothing. On a cluster that lives on, only `serve.shutdown()` removes Serve.
+    """
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    if not cluster_ends:
+        serve.shutdown()
+        return
+    try:
+        names = list(serve.status().applications)
+    except RayServeException:  # no Serve on the cluster: nothing to delete
+        return
+    for name in names:
+        serve.delete(name)
 
 
 def start_serving(
@@ -111,8 +135,8 @@ def start_serving(
 ) -> str:
     """Deploy `model_dir` on the Ray cluster (joined or started here) and return its base URL.
 
-    Host and port default to the config file's http_options. Stop it with `serve.shutdown()`.
-    With `blocking`, serve until Ctrl-C/SIGTERM, then shut down.
+    Host and port default to the config file's http_options. Stop it with `stop_serving` (or
+    `serve.shutdown()`). With `blocking`, serve until Ctrl-C/SIGTERM, then return.
     """
     from raylm.core.ray_cluster import init_ray
 
@@ -158,7 +182,6 @@ def plan_command(argv: list[str] | None) -> tuple[ServingPlan, str | None]:
 def main(argv: list[str] | None = None) -> int:
     plan, address = plan_command(argv)  # a bad model dir, config or flag fails before Ray starts
     import ray
-    from ray import serve
 
     from raylm.core.ray_cluster import init_ray
 
@@ -167,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_serving(plan, blocking=True)
     finally:
-        serve.shutdown()
+        stop_serving(cluster_ends=started_ray)
         if started_ray:
             ray.shutdown()
     return 0

@@ -37,15 +37,12 @@ def ray_cluster():
     """
     import ray
 
+    from raylm.core.ray_cluster import local_cluster_options
+
     temp_dir = tempfile.mkdtemp(prefix="raylm-ray-", dir="/tmp")  # short: Ray's unix sockets
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=True,
-        configure_logging=False,
-    )
+    # As raylm starts one (with the dashboard, whose state API Ray Train's actors query, and its
+    # address in their environment), so a test sees the console a user sees.
+    ray.init(**local_cluster_options(num_cpus=4, _temp_dir=temp_dir, log_to_driver=True, configure_logging=False))
     try:
         yield ray
     finally:

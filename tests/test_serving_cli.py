@@ -50,6 +50,8 @@ def test_raylm_serve_runs_in_the_foreground_and_stops_on_ctrl_c(debug_model_dir,
     log.seek(0)
     output = log.read()
     assert f"serving at http://127.0.0.1:{port}/v1" in output and "stopping" in output
+    # A clean stop (issue 12): no traceback, and no Serve 2.60 shutdown notice (see serving.serve.stop_serving).
+    assert "Traceback" not in output and "graceful_shutdown failed" not in output, output[-3000:]
     try:
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
         raise AssertionError("the endpoint still answers after Ctrl-C")

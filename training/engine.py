@@ -8,12 +8,37 @@ imported inside the functions: the worker chooses its accelerator (DS_ACCELERATO
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import sys
 
 import torch
 
 from raylm.model.transformer import ModelConfig, Transformer, init_module_weights
 from raylm.training.config import TrainConfig
 from raylm.training.deepspeed_config import build_ds_config
+
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-compiled ops of this environment live: ~/.cache/torch_extensions/raylm-<key>.
+
+    torch's default, ~/.cache/torch_extensions/py311_cpu, is one folder per Python version and
+    accelerator, shared by every virtualenv of the user: a second venv (another torch) rebuilds the
+    ops there (minutes) and the first then finds a build that is not its own and rebuilds again.
+    Keyed on the interpreter's environment (sys.prefix) and the torch version, each venv keeps its own.
+    """
+    key = f"{sys.prefix}|{sys.version_info.major}.{sys.version_info.minor}|{torch.__version__}"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "torch_extensions", "raylm-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+def use_own_torch_extensions_dir() -> str:
+    """Set TORCH_EXTENSIONS_DIR to this environment's folder unless the user set it; return it.
+
+    torch reads it when an op is compiled or loaded, so call it before DeepSpeed builds one: in the
+    driver and in each Ray Train worker (whose environment is not the driver's on other nodes).
+    """
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from raylm.training.engine import use_own_torch_extensions_dir
 from raylm.training.trainer import Trainer
 
 
@@ -20,6 +21,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not loop_config["use_gpu"]:
         # DeepSpeed reads it once, when first imported (in Trainer.setup).
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's compiled ops go to this venv's own folder, not one every venv shares (engine.py).
+    use_own_torch_extensions_dir()
     trainer = Trainer(loop_config)
     trainer.setup()
     trainer.train()

@@ -4,36 +4,49 @@ from __future__ import annotations
 
 import functools
 import resource
-import time
 from dataclasses import dataclass
 
 import torch
 
-# bf16 dense peaks (FLOP/s) of GPUs we may meet, for MFU; others are measured.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) of the GPUs whose MFU we report, by a
+# part of torch.cuda.get_device_name(); the longest matching name wins ("H100 PCIe" over "H100",
+# "A100" over "A10"). Any other device reports no MFU unless logging.peak_tflops_per_worker is set.
+GPU_PEAK_FLOPS = {
+    "B200": 2250e12,
+    "GH200": 989e12,
+    "H200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "A10G": 125e12,
+    "A10": 125e12,
+    "L4": 121e12,
+}
 
 
-@functools.lru_cache(maxsize=1)
-def peak_flops(device_type: str, configured_tflops: float) -> float:
-    """FLOP/s one worker could reach: configured, a known GPU's bf16 peak, else a measured fp32 matmul rate."""
+def known_gpu_peak(device_name: str) -> float | None:
+    """The bf16 peak of the GPU named `device_name` (e.g. "NVIDIA H100 80GB HBM3"), or None."""
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if key in device_name:
+            return GPU_PEAK_FLOPS[key]
+    return None
+
+
+@functools.cache
+def peak_flops(device_type: str, configured_tflops: float) -> float | None:
+    """FLOP/s one worker could reach, for MFU: the configured peak (logging.peak_tflops_per_worker),
+    else a known GPU's bf16 peak, else None: no MFU. A CPU has no peak worth the name (a made-up
+    one gave "mfu 78%"), so a CPU run reports MFU only against a peak the user gives."""
     if configured_tflops > 0:
         return configured_tflops * 1e12
     if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-    device = torch.device(device_type)
-    a = torch.randn(512, 512, device=device)
-    b = torch.randn(512, 512, device=device)
-    a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.2:
-        a @ b
-        reps += 1
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * 512**3 * reps / (time.perf_counter() - start)
+        return known_gpu_peak(torch.cuda.get_device_name())
+    return None
 
 
 def memory_gb(device) -> float:

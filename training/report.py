@@ -2,8 +2,8 @@
 
 Inputs are the run dir's own files, so a report can be (re)made from any finished or interrupted
 run without Ray or a model:
-    RUN_DIR/metrics.jsonl   one JSON object per logged step (step, loss, lr, tokens_per_s, and
-                            val_loss / val_ppl on eval steps, ...)
+    RUN_DIR/metrics.jsonl   one JSON object per logged step (step, loss, lr, tokens_per_s, mfu
+                            (None without a known peak), and val_loss / val_ppl on eval steps, ...)
     RUN_DIR/run.json        the resolved config, the kind of run, the data/base, summary figures
 Outputs:
     RUN_DIR/plots/{loss,lr,tokens_per_s}.png   made with matplotlib's Agg canvas (no display)
@@ -219,6 +219,10 @@ def final_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
         # The first logged interval carries start-up costs; leave it out when there are more.
         steady = speed[1:] if len(speed) > 1 else speed
         figures["mean tokens/s"] = sum(steady) / len(steady)
+    _, mfu = series(rows, "mfu")  # None (no known peak: a CPU run without logging.peak_tflops_per_worker) is left out
+    if mfu:
+        steady = mfu[1:] if len(mfu) > 1 else mfu
+        figures["mean MFU %"] = 100 * sum(steady) / len(steady)
     _, elapsed = series(rows, "elapsed_s")
     if elapsed:
         figures["elapsed s"] = elapsed[-1]
