@@ -1,18 +1,32 @@
-"""Fault injection for the resume tests: a configured rank dies hard at a configured step, once per run dir."""
+"""Faults, for the resume tests: where each worker runs, and a configured rank that dies hard at a configured step.
+
+`record_worker` writes RUN_DIR/.workers/rank_<r>.json (pid, host) at every attempt's start, so a
+test (or a person) can find rank r's process and kill it from outside.
+"""
 
 from __future__ import annotations
 
 import os
-import time
+import socket
 from pathlib import Path
 
+from raylm.core.files import write_json_atomic
 from raylm.training.config import FaultConfig
 
 FAULT_MARKER_DIR = ".faults"
+WORKERS_DIR = ".workers"
+
+
+def record_worker(run_dir: Path, rank: int) -> None:
+    write_json_atomic(run_dir / WORKERS_DIR / f"rank_{rank}.json", {"rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
 
 
 def maybe_inject_fault(faults: FaultConfig, rank: int, step: int, run_dir: Path) -> None:
-    """Exit this process (os._exit(1)) if it is the configured rank at the configured step, the first time only."""
+    """Exit this process (os._exit(1)) if it is the configured rank at the configured step, the first time only.
+
+    No grace period: like a real fault, it may strike moments after a checkpoint, before Ray's
+    controller has heard of it (the resume finds the checkpoint on storage regardless).
+    """
     if faults.kill_at_step != step or faults.kill_rank != rank:
         return
     marker = run_dir / FAULT_MARKER_DIR / f"killed-rank{rank}-step{step}"
@@ -20,10 +34,5 @@ def maybe_inject_fault(faults: FaultConfig, rank: int, step: int, run_dir: Path)
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("injected\n")
-    # Ray Train's controller learns of reported checkpoints by polling the workers (every
-    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a checkpoint reported moments before a
-    # crash can be lost with the worker group, and the restart then resumes from the one before.
-    # Wait out a few polls so the test exercises a resume from the latest checkpoint.
-    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
     print(f"[raylm] fault injection: rank {rank} exits at step {step}", flush=True)
     os._exit(1)

@@ -1,8 +1,11 @@
-"""Where a worker resumes from: Ray Train's latest checkpoint, open for as long as it is being read.
+"""Where a worker resumes from: the newest sound checkpoint on storage, open for as long as it is read.
 
-Ray Train hands a worker its run's latest reported checkpoint after a worker-group restart or a
-re-run of the command. One written at another world size or ZeRO stage is first converted to a
-DeepSpeed universal checkpoint (training/checkpoint.py), which is deleted again once loaded.
+World rank 0 looks through the run dir's checkpoints (training/checkpoint_store.py), newest first,
+removes the partial folders and moves the broken ones aside (one line each), and tells every rank
+the one it chose; so after a worker's death or a re-run of the command the run goes on from the
+newest checkpoint that is complete on storage, whatever Ray's controller had registered. One
+written at another world size or ZeRO stage is first converted to a DeepSpeed universal
+checkpoint (training/checkpoint.py), which is deleted again once loaded.
 """
 
 from __future__ import annotations
@@ -13,37 +16,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import ray.train
+import torch.distributed as dist
 
 from raylm.training.checkpoint import (
     convert_to_universal,
     needs_universal,
     read_train_state,
 )
+from raylm.training.checkpoint_store import (
+    checkpoint_folders,
+    choose_resume_folder,
+    remove_leftovers,
+)
+from raylm.training.run_log import say
 
 
 @dataclass
 class ResumePoint:
-    checkpoint_dir: Path  # the checkpoint as Ray Train hands it over: RNG states, raylm_state.json
+    checkpoint_dir: Path  # the checkpoint's folder in the run dir: RNG states, raylm_state.json
     load_dir: Path  # what DeepSpeed loads: checkpoint_dir, or its universal conversion
     saved: dict  # raylm_state.json, as written by the attempt that saved it
     universal: bool  # load_dir is a universal checkpoint, which DeepSpeed must be configured for
 
 
+def chosen_by_rank_zero(run_dir: Path, rank: int, device) -> Path | None:
+    """Rank 0 chooses, and tidies the run dir while no rank writes to it; every rank learns its choice."""
+    choice: list[str | None] = [None]
+    if rank == 0:
+        leftovers = remove_leftovers(run_dir)
+        if leftovers:
+            say(run_dir, f"removed what interrupted writes left: {', '.join(leftovers)}")
+        had_any = bool(checkpoint_folders(run_dir))
+        folder = choose_resume_folder(run_dir, lambda line: say(run_dir, line))
+        choice[0] = folder.name if folder else None
+        if folder is None and had_any:
+            say(run_dir, "no sound checkpoint left in the run dir: starting from step 0")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0, device=device)
+    return run_dir / choice[0] if choice[0] else None
+
+
 @contextlib.contextmanager
-def latest_checkpoint(world_size: int, zero_stage: int) -> Iterator[ResumePoint | None]:
-    """The run's latest checkpoint, ready to load at this world size and stage; None on a fresh start."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+def latest_checkpoint(run_dir: Path, rank: int, world_size: int, zero_stage: int, device) -> Iterator[ResumePoint | None]:
+    """The run's newest sound checkpoint, ready to load at this world size and stage; None on a fresh start."""
+    checkpoint_dir = chosen_by_rank_zero(run_dir, rank, device)
+    if checkpoint_dir is None:
         yield None
         return
-    with checkpoint.as_directory() as path:
-        checkpoint_dir = Path(path)
-        saved = read_train_state(checkpoint_dir)
-        universal = needs_universal(saved, world_size, zero_stage)
-        load_dir = convert_to_universal(checkpoint_dir, saved["zero_stage"]) if universal else checkpoint_dir
-        try:
-            yield ResumePoint(checkpoint_dir, load_dir, saved, universal)
-        finally:
-            if universal:
-                shutil.rmtree(load_dir, ignore_errors=True)
+    saved = read_train_state(checkpoint_dir)
+    universal = needs_universal(saved, world_size, zero_stage)
+    load_dir = convert_to_universal(checkpoint_dir, saved["zero_stage"]) if universal else checkpoint_dir
+    try:
+        yield ResumePoint(checkpoint_dir, load_dir, saved, universal)
+    finally:
+        if universal:
+            shutil.rmtree(load_dir, ignore_errors=True)
