@@ -64,7 +64,7 @@ def test_trained_positions_decode_to_the_assistant_turns_of_real_records(stdlib_
     records, _ = read_chat_jsonl(str(stdlib_chat))
     records = records[:60] + [MULTI_TURN]
     tokenizer, pad_id = load_tokenizer(tokenizer_dir)
-    rows = encode_rows(records, tokenizer, seq_len=2048, pad_id=pad_id, overlong="drop")
+    rows = encode_rows(records, tokenizer, seq_len=2048, pad_id=pad_id, overlong="drop", pack=False)
     assert rows.counts["rows"] == len(records) and rows.counts["dropped_overlong"] == 0
     for messages, row in zip(records, rows.rows):
         assert row["input_ids"].shape == row["loss_mask"].shape == (2049,)
@@ -82,15 +82,55 @@ def test_overlong_conversations_are_truncated_or_dropped_and_counted(tokenizer_d
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     records = [long_answer, long_question, short]
 
-    cut = encode_rows(records, tokenizer, seq_len=32, pad_id=pad_id, overlong="truncate")
+    cut = encode_rows(records, tokenizer, seq_len=32, pad_id=pad_id, overlong="truncate", pack=False)
     assert (cut.counts["truncated"], cut.counts["dropped_no_target"], cut.counts["rows"]) == (2, 1, 2)
     kept = cut.rows[0]  # the long answer's beginning: trained from the answer's first token to the cut
     assert kept["loss_mask"][-1] and (kept["input_ids"] != pad_id).all()
     assert tokenizer.decode(trained_spans(kept)[0]).startswith("word wor")
 
-    dropped = encode_rows(records, tokenizer, seq_len=32, pad_id=pad_id, overlong="drop")
+    dropped = encode_rows(records, tokenizer, seq_len=32, pad_id=pad_id, overlong="drop", pack=False)
     assert (dropped.counts["dropped_overlong"], dropped.counts["rows"]) == (2, 1)
     assert_mask_is_assistant_turns(tokenizer, short, dropped.rows[0])
+
+
+def segments_of(row: dict[str, np.ndarray]) -> list[tuple[list[int], list[bool]]]:
+    """A packed row's conversations: (ids, mask) per segment, in order."""
+    out = []
+    for segment in range(1, int(row["segment_ids"].max()) + 1):
+        where = row["segment_ids"] == segment
+        out.append((row["input_ids"][where].tolist(), row["loss_mask"][where].tolist()))
+    return out
+
+
+def test_packed_rows_hold_each_conversation_once_with_its_mask_and_little_padding(stdlib_chat, tokenizer_dir):
+    from raylm.data.chat import read_chat_jsonl
+
+    records, _ = read_chat_jsonl(str(stdlib_chat))
+    tokenizer, pad_id = load_tokenizer(tokenizer_dir)
+    # The test tokenizer is tiny (conversations run to ~100 tokens), so rows are longer than
+    # sft-tiny's 128 to leave room for packing; bench/train.py measures the real tokenizer's share.
+    seq_len = 512
+    alone = encode_rows(records, tokenizer, seq_len=seq_len, pad_id=pad_id, pack=False)
+    packed = encode_rows(records, tokenizer, seq_len=seq_len, pad_id=pad_id)
+    real = packed.counts["tokens"]
+    assert real == alone.counts["tokens"] and packed.counts["target_tokens"] == alone.counts["target_tokens"]
+    share = real / (packed.counts["rows"] * (seq_len + 1))
+    assert share >= 0.9, f"real tokens are {share:.1%} of the packed rows"
+    assert alone.counts["rows"] > packed.counts["rows"]
+
+    def unpadded(row):
+        n = int(np.flatnonzero(row["segment_ids"]).max()) + 1
+        return row["input_ids"][:n].tolist(), [False] + row["loss_mask"][1:n].tolist()
+
+    expected = sorted(unpadded(row) for row in alone.rows)
+    found = []
+    for row in packed.rows:
+        assert row["input_ids"].shape == row["loss_mask"].shape == row["segment_ids"].shape == (seq_len + 1,)
+        pad = row["segment_ids"] == 0
+        assert (row["input_ids"][pad] == pad_id).all() and not row["loss_mask"][pad].any()
+        assert (np.diff(row["segment_ids"][~pad]) >= 0).all() and not pad[: int((~pad).sum())].any()  # segments first, then padding
+        found += [(ids, [False] + mask[1:]) for ids, mask in segments_of(row)]
+    assert sorted(found) == expected  # every conversation once, with its own mask; no target crosses examples
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -113,7 +153,7 @@ def test_build_counts_bad_lines_and_limits_records(tmp_path, tokenizer_dir):
     stats = built["stats"]
     assert stats["records"] == 20 and sum(stats["skipped_lines"].values()) == 2
     assert sorted(n for lines in stats["skipped_line_numbers"].values() for n in lines) == [6, 10]
-    assert (stats["train"]["rows"], stats["val"]["rows"]) == (16, 4)
+    assert (stats["train"]["conversations"], stats["val"]["conversations"]) == (16, 4)
 
 
 def test_a_tokenizer_without_chatml_tokens_is_refused(tmp_path, tokenizer_dir):

@@ -5,11 +5,16 @@ every run. Runs are module-scoped and shared between assertions, because each co
 worker group and a DeepSpeed engine:
     zero2        2 workers, ZeRO-2, W&B offline   loss falls, W&B read back, the reference run
     zero2_1w     1 worker, same global batch       step-for-step parity with zero2
-    restart      zero2 + rank 1 dies at step 10   Ray restarts the group: same losses/weights as zero2
-    rerun        zero2 + rank 1 dies, no retries  the command fails; re-running it gives zero2's result
+    restart      zero2 + the test kill -9s rank 1 as soon as checkpoint 16 is on storage: Ray restarts
+                 the group, which resumes from 16 (not the one Ray's controller knew of): zero2's result
+    rerun        zero2 + rank 1 exits at step 18, no retries, a checkpoint every 4 steps: the command
+                 fails; re-running it resumes from 16 and gives zero2's result
     resized      a copy of rerun's crashed dir re-run on 1 worker (universal checkpoint)
-A resumed run's W&B histories prove it resumed: one run id, the second attempt starting at step 9
-(a restart from scratch would give the same losses, the data order being deterministic).
+    broken       a copy of it with checkpoint 16 truncated, 12 missing rank 1's optimizer file and a
+                 half-written 20: one line each, and the re-run resumes from 8 to zero2's result
+A resumed run's W&B histories prove it resumed: one run id, the second attempt starting at the step
+after its checkpoint (a restart from scratch would give the same losses, the data order being
+deterministic).
     zero0/1/3, offload                             loss falls; zero3 (built partitioned) starts where zero2
                                                    does and feeds the HF export parity
 """
@@ -17,8 +22,12 @@ A resumed run's W&B histories prove it resumed: one run id, the second attempt s
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +38,9 @@ from raylm.core.errors import UserError
 
 STEPS = 24
 BASE = [f"max_steps={STEPS}", "checkpoint.every=8", "eval.every=12", "logging.every=1", "schedule.total_steps=24"]
-KILL = ["faults.kill_rank=1", "faults.kill_at_step=10"]
+# Rank 1 exits at step 18, moments after checkpoint 16: before Ray's controller has polled the workers.
+CRASH = ["faults.kill_rank=1", "faults.kill_at_step=18", "checkpoint.every=4", "checkpoint.keep=3",
+         "scaling.max_failures=0", "logging.wandb_mode=offline"]
 
 
 @pytest.fixture(scope="module")
@@ -97,41 +108,70 @@ def zero3(dataset_dir, runs_root):
 
 @pytest.fixture(scope="module")
 def crashed(dataset_dir, runs_root):
-    """A zero2 run whose rank 1 dies at step 10 with retries off: the command fails after checkpoint 8."""
+    """A zero2 run whose rank 1 dies at step 18 with retries off: the command fails after checkpoint 16."""
+    from raylm.training.checkpoint_store import verify
+
     out = runs_root / "rerun"
     with pytest.raises(Exception, match="(?i)fail|died|exit"):
-        pretrain(dataset_dir, out, *KILL, "scaling.max_failures=0", "logging.wandb_mode=offline")
-    assert (out / "checkpoint_step00000008").is_dir() and not (out / "model").exists()
-    shutil.copytree(out, runs_root / "resized")  # Ray's run state names checkpoints relative to the run dir
+        pretrain(dataset_dir, out, *CRASH)
+    assert sorted(p.name for p in out.glob("checkpoint_step*")) == [f"checkpoint_step{s:08d}" for s in (8, 12, 16)]
+    assert all(verify(p) is None for p in out.glob("checkpoint_step*")) and not (out / "model").exists()
+    shutil.copytree(out, runs_root / "resized")
+    shutil.copytree(out, runs_root / "broken")
     return out
 
 
-def assert_resumed_at_step_9(run_dir: Path) -> None:
-    """Two attempts, one W&B run id; the second attempt starts after checkpoint 8 (not from scratch)."""
+def assert_resumed_at(run_dir: Path, step: int) -> None:
+    """Two attempts, one W&B run id; the second attempt starts at `step` (not from scratch)."""
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))  # named offline-run-<time>-<id>
     assert len(attempts) == 2 and len({a.name.rsplit("-", 1)[-1] for a in attempts}) == 1
     # The first attempt's offline file may miss its last records: its process was killed mid-run.
     second = read_wandb_history(next(attempts[1].glob("run-*.wandb")))
-    assert [r["_step"] for r in second] == list(range(9, STEPS + 1))
+    assert [r["_step"] for r in second] == list(range(step, STEPS + 1))
+
+
+def run_log(run_dir: Path) -> list[str]:
+    """RUN_DIR/raylm.log without its timestamps."""
+    return [line.split(" ", 1)[1] for line in (run_dir / "raylm.log").read_text().splitlines()]
+
+
+def kill_when_on_storage(run_dir: Path, step: int, rank: int, killed: dict, world: int = 2) -> None:
+    """Watch the run dir; the moment every rank has recorded checkpoint `step` complete, kill -9 rank `rank`'s process."""
+    records = run_dir / f"checkpoint_step{step:08d}" / "complete"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if all((records / f"rank_{r}.json").is_file() for r in range(world)):
+            pid = json.loads((run_dir / ".workers" / f"rank_{rank}.json").read_text())["pid"]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"ray::" in cmdline, cmdline  # a Ray worker's process title, not some other process
+            os.kill(pid, signal.SIGKILL)
+            killed.update(pid=pid, at=time.monotonic())
+            return
+        time.sleep(0.02)
 
 
 # ---- training under each ZeRO stage ------------------------------------------------------------
 
 
 def test_zero2_learns_and_writes_the_run_dir(zero2):
+    from raylm.training.checkpoint_store import verify
+
     assert_learned(zero2)
     info = json.loads((zero2 / "run.json").read_text())
     assert info["kind"] == "pretrain" and info["summary"]["steps"] == STEPS and info["global_batch"] == 8
     assert info["config"]["deepspeed"]["zero_stage"] == 2
     row = metrics(zero2)[-1]
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_ppl", "elapsed_s"):
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl", "elapsed_s"):
         assert row[key] is not None, key
+    assert row["mfu"] is None  # a CPU has no known peak (logging.peak_tflops_per_worker unset)
     kept = sorted(p.name for p in zero2.glob("checkpoint_step*"))
     assert kept == ["checkpoint_step00000016", "checkpoint_step00000024"]  # checkpoint.keep=2
     ckpt = zero2 / "checkpoint_step00000024"
     assert {p.name for p in (ckpt / "ds").glob("zero_pp_rank_*_optim_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
     assert json.loads((ckpt / "raylm_state.json").read_text())["step"] == STEPS
+    assert {p.name for p in (ckpt / "complete").iterdir()} == {"rank_0.json", "rank_1.json"}  # written last, one per rank
+    assert verify(ckpt, STEPS) is None
     assert (zero2 / "report.md").is_file()
 
 
@@ -163,28 +203,82 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(dataset_dir, ru
 # ---- exact resume ------------------------------------------------------------------------------
 
 
-def test_ray_restart_after_a_worker_dies_resumes_exactly(dataset_dir, runs_root, zero2):
-    run = pretrain(dataset_dir, runs_root / "restart", *KILL, "scaling.max_failures=1", "logging.wandb_mode=offline")
-    assert (run / ".faults" / "killed-rank1-step10").is_file()  # the worker really died
-    assert_resumed_at_step_9(run)
+def test_a_worker_killed_right_after_a_checkpoint_resumes_from_it(dataset_dir, runs_root, zero2, capfd):
+    run = runs_root / "restart"
+    killed: dict = {}
+    watcher = threading.Thread(target=kill_when_on_storage, args=(run, 16, 1, killed), daemon=True)
+    watcher.start()
+    pretrain(dataset_dir, run, "scaling.max_failures=1", "logging.wandb_mode=offline")
+    watcher.join(timeout=5)
+    assert killed, "rank 1 was not killed"
+    died, resumed = run_log(run)
+    assert re.fullmatch(rf"worker rank 1 died \(pid {killed['pid']}, last logged step 1[6-9]\); restarting from checkpoint "
+                        rf"step 16 \(restart 1 of 1\); details in {re.escape(str(run))}/worker-failures.log", died), died
+    assert resumed == "resuming from step 16 (checkpoint_step00000016)"
+    # The console: that line, not Ray's pages (the failure decision with every error, the shutdown's traceback).
+    console = capfd.readouterr()
+    assert f"[raylm] {died}" in console.out
+    assert "[FailurePolicy]" not in console.out + console.err and "Graceful shutdown" not in console.out + console.err
+    assert "The actor died unexpectedly" in (run / "worker-failures.log").read_text()
+    assert_resumed_at(run, 17)
     assert losses(run) == losses(zero2)
     assert max_weight_diff(run, zero2) == 0.0
 
 
 def test_rerunning_the_command_after_a_crash_resumes_exactly(dataset_dir, crashed, zero2):
-    run = pretrain(dataset_dir, crashed, *KILL, "scaling.max_failures=0", "logging.wandb_mode=offline")
-    assert_resumed_at_step_9(run)
+    assert (crashed / ".faults" / "killed-rank1-step18").is_file()  # the worker really died
+    run = pretrain(dataset_dir, crashed, *CRASH)
+    died, resumed = run_log(run)
+    assert re.fullmatch(r"worker rank 1 died \(pid \d+, last logged step 18\); no restarts left "
+                        r"\(scaling.max_failures=0\): the run stops; details in .*/worker-failures.log", died), died
+    assert resumed == "resuming from step 16 (checkpoint_step00000016)"
+    assert_resumed_at(run, 17)
     assert losses(run) == losses(zero2)
     assert max_weight_diff(run, zero2) == 0.0
 
 
 def test_resume_at_a_different_worker_count(dataset_dir, runs_root, crashed, zero2):
-    run = pretrain(dataset_dir, runs_root / "resized", *KILL, "scaling.max_failures=0", "data.global_batch=8",
-                   "logging.wandb_mode=offline", workers=1)
-    assert_resumed_at_step_9(run)
-    assert losses(run)[:8] == losses(zero2)[:8]  # written by the 2-worker attempt
+    run = pretrain(dataset_dir, runs_root / "resized", *CRASH, "data.global_batch=8", workers=1)
+    assert_resumed_at(run, 17)
+    assert losses(run)[:16] == losses(zero2)[:16]  # written by the 2-worker attempt
     assert losses(run) == pytest.approx(losses(zero2), rel=1e-5, abs=1e-5)
     assert max_weight_diff(run, zero2) < 1e-5
+
+
+def test_broken_and_partial_checkpoints_are_named_and_the_run_resumes_from_a_sound_one(dataset_dir, runs_root, crashed, zero2, capfd):
+    run = runs_root / "broken"  # crashed's dir: checkpoints 8, 12 and 16, complete
+    model_states = run / "checkpoint_step00000016" / "ds" / "mp_rank_00_model_states.pt"
+    size = model_states.stat().st_size
+    with open(model_states, "r+b") as f:
+        f.truncate(size // 2)
+    (run / "checkpoint_step00000012" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    # A disk that filled while checkpoint 20 was written: the state file and DeepSpeed's pointer
+    # made it, the weights are empty, no rank recorded its part; and metrics.jsonl's temporary.
+    half = run / "checkpoint_step00000020"
+    shutil.copytree(run / "checkpoint_step00000016", half, ignore=shutil.ignore_patterns("rank_*.json", "*.pt"))
+    (half / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (run / ".metrics.jsonl.partial-k3j2").write_text('{"step": 19')
+
+    pretrain(dataset_dir, run, *CRASH)
+    said = [
+        "removed what interrupted writes left: .metrics.jsonl.partial-k3j2",
+        "checkpoint_step00000020 is partial, removed: no rank finished writing it",
+        ("checkpoint_step00000016 is broken, moved aside to checkpoint_step00000016.broken: "
+         f"ds/mp_rank_00_model_states.pt has {size // 2:,} bytes, {size:,} when written (rank 0's part)"),
+        ("checkpoint_step00000012 is broken, moved aside to checkpoint_step00000012.broken: "
+         "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing (rank 1's part)"),
+        "resuming from step 8 (checkpoint_step00000008)",
+    ]
+    assert run_log(run)[1:] == said  # after the line of crashed's death
+    console = capfd.readouterr().out
+    assert all(f"[raylm] {line}" in console for line in said), console[-3000:]
+    assert_resumed_at(run, 9)
+    assert losses(run) == losses(zero2)
+    assert max_weight_diff(run, zero2) == 0.0
+    # Re-made as the run went on; the broken ones stay aside for a look, never chosen again.
+    assert sorted(p.name for p in run.glob("checkpoint_step*")) == [
+        "checkpoint_step00000012.broken", "checkpoint_step00000016", "checkpoint_step00000016.broken",
+        "checkpoint_step00000020", "checkpoint_step00000024"]
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -203,7 +297,7 @@ def test_zero3_export_loads_in_transformers_with_equal_logits(zero3):
     with torch.no_grad():
         diff = (ours(ids) - theirs(ids).logits).abs().max().item()
     assert diff <= 1e-4
-    assert cfg.n_layers == 2 and cfg.vocab_size == 512
+    assert cfg.n_layers == 2 and cfg.vocab_size == len(tokenizer)  # the debug recipe's vocab follows the dataset's tokenizer
 
 
 def test_greedy_generate_matches_transformers(zero3):
@@ -270,9 +364,10 @@ def test_command_line_errors_name_the_nearest_flag_or_recipe(capsys):
 def test_a_dataset_that_does_not_fit_the_config_is_refused(dataset_dir):
     from raylm.training.pretrain import main
 
-    with pytest.raises(UserError, match=r"seq_len is 32 but data\.seq_len is 16"):
+    vocab = json.loads((dataset_dir / "manifest.json").read_text())["vocab_size"]
+    with pytest.raises(UserError, match=r"^data\.seq_len=16 asked for a dataset packed at 32 "):
         main(["--config", "debug", "--data", str(dataset_dir), "--out", "/tmp/never-written", "data.seq_len=16"])
-    with pytest.raises(UserError, match=r"vocab_size is 400 but model\.vocab_size is 256"):
+    with pytest.raises(UserError, match=rf"^model\.vocab_size=256 asked for a dataset whose tokenizer has {vocab} tokens "):
         main(["--config", "debug", "--data", str(dataset_dir), "--out", "/tmp/never-written", "model.vocab_size=256"])
 
 

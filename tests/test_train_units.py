@@ -5,6 +5,7 @@ truncation on resume."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
@@ -17,15 +18,21 @@ import torch.nn.functional as F
 
 from raylm.core.errors import UserError
 from raylm.model.transformer import ModelConfig, Transformer
-from raylm.training.checkpoint import needs_universal
+from raylm.training.checkpoint import (
+    needs_universal,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from raylm.training.config import global_batch, grad_accum, load_train_config
 from raylm.training.data_order import (
+    epoch_batches,
     eval_micro_batches,
     global_batches,
     rank_micro_batches,
 )
 from raylm.training.deepspeed_config import build_ds_config
-from raylm.training.losses import loss_for, next_token_loss
+from raylm.training.losses import loss_for, next_token_loss, target_count
 from raylm.training.measure import Throughput
 from raylm.training.schedule import learning_rate
 from raylm.training.tracking import truncate_metrics
@@ -125,29 +132,76 @@ def test_ranks_take_disjoint_contiguous_slices_of_the_global_batch():
         assert torch.cat([m[name] for m in taken]).tolist() == batch[name].tolist()
 
 
-def test_eval_rows_are_shared_equally_over_ranks_in_micro_batches():
+def epoch_row_ids(shard, size, epoch, skip, steps) -> list[tuple[int, list[int]]]:
+    batches = epoch_batches(shard, window=32, seed=7, size=size, epoch=epoch, skip_rows=skip)
+    return [(e, [int(i) for i in b["input_ids"][:, 0]]) for e, b in itertools.islice(batches, steps)]
+
+
+def test_a_run_resumed_at_an_epochs_end_goes_on_with_the_next_epoch():
+    shard = FakeShard(16)
+    fresh = epoch_row_ids(shard, size=4, epoch=0, skip=0, steps=10)  # 4 steps per epoch
+    assert [e for e, _ in fresh] == [0] * 4 + [1] * 4 + [2] * 2
+    assert fresh[4][1] != fresh[0][1]  # the next epoch has its own shuffle
+    assert epoch_row_ids(shard, size=4, epoch=0, skip=16, steps=6) == fresh[4:]  # every row of epoch 0 consumed
+    assert epoch_row_ids(shard, size=4, epoch=1, skip=8, steps=4) == fresh[6:]  # and anywhere inside an epoch
+    # 18 rows, batches of 4: the 2-row tail is dropped, so a resume after 16 rows is at the epoch's end too.
+    tail = FakeShard(18)
+    assert epoch_row_ids(tail, size=4, epoch=0, skip=16, steps=1)[0][0] == 1
+    with pytest.raises(RuntimeError, match="fewer rows than one global batch"):
+        epoch_row_ids(FakeShard(3), size=4, epoch=0, skip=0, steps=1)
+
+
+def test_every_eval_row_is_scored_once_at_any_world_size():
     ids = np.arange(11 * 3).reshape(11, 3)
     ids.setflags(write=False)  # like Arrow buffers: torch.from_numpy warns unless the loop copies
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        shares = [eval_micro_batches({"input_ids": ids}, 2, rank, 2, "cpu") for rank in range(2)]
-    assert [[len(m["input_ids"]) for m in share] for share in shares] == [[2, 2, 1], [2, 2, 1]]
-    assert torch.cat([m["input_ids"] for share in shares for m in share]).tolist() == ids[:10].tolist()
+    for world in (1, 2, 3, 4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            shares = [eval_micro_batches({"input_ids": ids}, 2, rank, world, "cpu") for rank in range(world)]
+        assert len({len(share) for share in shares}) == 1, world  # the same number of forwards on every rank
+        micros = [m for share in shares for m in share]
+        counted = torch.cat([m["input_ids"][m["loss_mask"].all(dim=1)] for m in micros])
+        assert counted.tolist() == ids.tolist(), world  # each row once, fillers count nothing
+        assert all(not m["loss_mask"][~m["loss_mask"].all(dim=1)].any() for m in micros)
     assert eval_micro_batches(None, 2, 0, 2, "cpu") == []
 
 
-def test_next_token_loss_counts_the_targets_its_row_mask_keeps():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=16))
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=16))
+
+
+def test_next_token_loss_sums_the_targets_its_row_mask_keeps():
+    model = tiny_model()
     ids = torch.randint(32, (2, 6))
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[:, 3] = True  # keep row token 3 only: predicted from position 2
     with torch.no_grad():
         logits = model(ids[:, :-1])
-        assert float(next_token_loss(model, {"input_ids": ids, "loss_mask": mask})) == pytest.approx(
-            float(F.cross_entropy(logits[:, 2], ids[:, 3])), rel=1e-5)
-        assert float(next_token_loss(model, {"input_ids": ids})) == pytest.approx(
-            float(F.cross_entropy(logits.reshape(-1, 32), ids[:, 1:].reshape(-1))), rel=1e-5)
+        total, count = next_token_loss(model, {"input_ids": ids, "loss_mask": mask})
+        assert int(count) == 2 == target_count({"input_ids": ids.numpy(), "loss_mask": mask.numpy()})
+        assert float(total) == pytest.approx(float(F.cross_entropy(logits[:, 2], ids[:, 3], reduction="sum")), rel=1e-5)
+        total, count = next_token_loss(model, {"input_ids": ids})
+        assert int(count) == 10 == target_count({"input_ids": ids.numpy()})
+        assert float(total) == pytest.approx(float(F.cross_entropy(logits.reshape(-1, 32), ids[:, 1:].reshape(-1), reduction="sum")), rel=1e-5)
+
+
+def test_a_packed_row_gives_each_example_the_loss_it_has_alone():
+    model = tiny_model()
+    a, b = torch.randint(32, (1, 7)), torch.randint(32, (1, 5))
+    packed = {"input_ids": torch.cat([a, b, torch.zeros(1, 4, dtype=torch.long)], dim=1),
+              "segment_ids": torch.tensor([[1] * 7 + [2] * 5 + [0] * 4])}
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    mask[0, 7] = False  # b's first token is not predicted from a's last
+    mask[0, 12:] = False  # padding
+    packed["loss_mask"] = mask
+    with torch.no_grad():
+        alone = [next_token_loss(model, {"input_ids": x}) for x in (a, b)]
+        total, count = next_token_loss(model, packed)
+        assert int(count) == 6 + 4
+        assert float(total) == pytest.approx(sum(float(t) for t, _ in alone), rel=1e-5)
+        # Without the segments the second example would see the first one: a different loss.
+        assert float(next_token_loss(model, {k: v for k, v in packed.items() if k != "segment_ids"})[0]) != pytest.approx(float(total), rel=1e-5)
 
 
 def test_loss_is_chosen_by_the_run_kind():
@@ -216,3 +270,21 @@ def test_resume_truncates_metrics_past_the_checkpoint(tmp_path):
 def test_recipes_load(recipe):
     cfg = load_train_config(recipe)
     assert cfg.data.seq_len <= cfg.model.max_seq_len
+
+
+def draws(device: torch.device) -> list:
+    import random as py_random
+
+    return [py_random.random(), float(np.random.rand()), float(torch.rand(1)), float(torch.rand(1, device=device))]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_rng_states_round_trip_through_json_on_the_ranks_device(device):
+    device = torch.device(device)
+    seed_everything(3)
+    saved = json.loads(json.dumps(rng_state(device)))
+    assert ("cuda" in saved) == (device.type == "cuda")  # the CUDA generator drives dropout and sampling on GPUs
+    expected = draws(device)
+    seed_everything(99)
+    set_rng_state(saved, device)
+    assert draws(device) == expected

@@ -1,14 +1,17 @@
 """Checkpoints: what a resumable checkpoint holds, how it is written, read back and exported.
 
-A checkpoint folder (one per `ray.train.report`; Ray merges the workers' folders into one):
+A checkpoint folder (each rank writes its part locally; training/checkpoint_store.py copies the
+parts into one folder in the run dir, each with its completion record):
 
     ds/                     DeepSpeed's own checkpoint (tag "ds"): model states, and each rank's
                             ZeRO optimizer / parameter shards (file names carry the rank)
     latest                  DeepSpeed's pointer to the tag
     raylm_state.json        rank 0: step, data position (epoch, batches consumed in it), tokens,
                             world size, ZeRO stage, W&B run id, elapsed seconds
-    rng/rank_<r>.json       every rank's Python, NumPy and torch RNG states
+    rng/rank_<r>.json       every rank's Python, NumPy and torch CPU RNG states, and its CUDA
+                            device's when it trains on one (dropout and sampling draw from it)
     model/                  optional (checkpoint.export_hf): a Hugging Face model dir
+    complete/rank_<r>.json  every rank's completion record, written last (checkpoint_store.py)
 
 Nothing here is pickled by us (JSON); DeepSpeed's own files are read only by DeepSpeed, from a
 run dir this run wrote.
@@ -42,22 +45,29 @@ MODEL_SUBDIR = "model"
 # ---- RNG -----------------------------------------------------------------------------------------
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """Every generator this rank draws from; `device` is the rank's own accelerator (or the CPU)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {
+    state = {
         "python": [version, list(internal), gauss],
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state().tolist(),
     }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    # A checkpoint written on GPUs and resumed on CPUs (or the reverse) restores what both have.
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,14 +79,14 @@ def seed_everything(seed: int) -> None:
 # ---- save ----------------------------------------------------------------------------------------
 
 
-def save_checkpoint(engine, train_state: dict, rank: int) -> Path:
+def save_checkpoint(engine, train_state: dict, rank: int, device: torch.device) -> Path:
     """Every rank: write this rank's part of a checkpoint into a fresh local folder and return it.
 
-    A fresh `mkdtemp` (not a TemporaryDirectory): Ray may upload it after this returns.
+    The caller copies it into the run dir (checkpoint_store.publish_part) and removes it.
     """
     folder = Path(tempfile.mkdtemp(prefix="raylm-ckpt-"))
     engine.save_checkpoint(str(folder), tag=DS_TAG)
-    write_json_atomic(folder / RNG_DIR / f"rank_{rank}.json", rng_state())
+    write_json_atomic(folder / RNG_DIR / f"rank_{rank}.json", rng_state(device))
     if rank == 0:
         write_json_atomic(folder / STATE_FILE, train_state)
     return folder
@@ -92,11 +102,11 @@ def read_train_state(checkpoint_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def restore_rng(checkpoint_dir: Path, rank: int, fallback_seed: int) -> None:
+def restore_rng(checkpoint_dir: Path, rank: int, fallback_seed: int, device: torch.device) -> None:
     """This rank's saved RNG states, or (a rank that did not exist before a resize) a fresh seed."""
     path = checkpoint_dir / RNG_DIR / f"rank_{rank}.json"
     if path.is_file():
-        set_rng_state(json.loads(path.read_text()))
+        set_rng_state(json.loads(path.read_text()), device)
     else:
         seed_everything(fallback_seed)
 
@@ -137,12 +147,30 @@ def load_checkpoint(engine, load_dir: Path) -> None:
 # ---- export --------------------------------------------------------------------------------------
 
 
-def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The whole model's weights in fp32 on the CPU. A collective under ZeRO-3: every rank calls it."""
-    module = engine.module
-    if zero_stage == 3:
-        import deepspeed
+def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor]:
+    """The whole model's weights in fp32 on rank 0's CPU; {} on the other ranks.
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {name: p.detach().to("cpu", torch.float32).clone() for name, p in module.state_dict().items()}
-    return {name: p.detach().to("cpu", torch.float32).clone() for name, p in module.state_dict().items()}
+    A collective under ZeRO-3 (every rank calls it): the parameters are gathered one module at a
+    time and only rank 0 keeps a copy, so no rank holds more than one module's full weights on
+    its device at once and only rank 0's CPU memory holds the model (it writes the model dir).
+    """
+    module = engine.module
+    if zero_stage != 3:
+        if rank != 0:
+            return {}
+        return {name: p.detach().to("cpu", torch.float32).clone() for name, p in module.state_dict().items()}
+    import deepspeed
+
+    weights: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        own = list(sub.named_parameters(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+            if rank == 0:
+                for name, param in own:
+                    weights[f"{prefix}.{name}" if prefix else name] = param.detach().to("cpu", torch.float32).clone()
+    if rank == 0 and set(weights) != set(module.state_dict()):
+        missing = sorted(set(module.state_dict()) - set(weights))
+        raise RuntimeError(f"ZeRO-3 export gathered no value for {missing[:5]}")
+    return weights

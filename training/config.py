@@ -4,15 +4,32 @@ Pretraining and fine-tuning share it (they run the same loop). `load_train_confi
 way in: it rejects unknown or ill-typed keys by their dotted name (raylm.core.config) and checks the
 sections against each other. Batch arithmetic lives here too, so the driver, the workers and the
 docs agree on what "global batch" means.
+
+The commands fit a recipe to its data before building it: `draft_train_config` merges the recipe
+and the user's settings and records which keys the user set; `fit_to_dataset` then adapts the
+recipe's defaults (vocab size, context) to the dataset and refuses only the user's settings that
+cannot work with it.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from raylm.core.config import did_you_mean, load_config
+from raylm.core.config import (
+    apply_overrides,
+    coerce,
+    did_you_mean,
+    from_dict,
+    get_dotted,
+    leaf_keys,
+    load_config,
+    override_keys,
+    override_pairs,
+    read_yaml,
+)
 from raylm.core.errors import UserError
 from raylm.model.transformer import ModelConfig
 
@@ -21,7 +38,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    seq_len: int = 256  # tokens per training sequence; must equal the dataset manifest's seq_len
+    seq_len: int = 256  # tokens per training sequence. Pretraining: the dataset's packed seq_len (a recipe's adapts;
+    #   one you set must equal it). Fine-tuning: the padded row length, capped at the base model's context
     micro_batch: int = 8  # sequences per worker per forward/backward pass
     grad_accum: int = 1  # micro-batches accumulated per optimizer step (ignored when global_batch is set)
     global_batch: int = 0  # sequences per optimizer step over all workers; 0 = micro_batch*grad_accum*workers.
@@ -108,12 +126,12 @@ class CheckpointSection:
 @dataclass
 class EvalConfig:
     every: int = 200  # evaluate on the val split every N steps (and at the end); 0 = only at the end
-    batches: int = 8  # micro-batches per worker in each evaluation
+    rows: int = 0  # val rows scored in each evaluation (the split's first N, whatever the worker count); 0 = all
     at_start: bool = False  # also evaluate the initial weights (logged as step 0)
 
     def validate(self) -> None:
-        if self.every < 0 or self.batches < 0:
-            raise UserError("eval.every and eval.batches must be >= 0")
+        if self.every < 0 or self.rows < 0:
+            raise UserError(f"eval.every and eval.rows must be >= 0, got {self.every} and {self.rows}")
 
 
 @dataclass
@@ -221,5 +239,106 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def load_train_config(path: str | Path | None = None, overrides: Iterable[str | tuple[str, Any]] = ()) -> TrainConfig:
-    """A recipe (file or built-in name) + overrides (`key=value` or (key, value)) -> a validated TrainConfig."""
+    """A recipe (file or built-in name) + overrides (`key=value` or (key, value)) -> a validated TrainConfig.
+
+    As written: nothing is fitted to a dataset (the commands use `draft_train_config` + `fit_to_dataset`).
+    """
     return load_config(TrainConfig, recipe_path(str(path)) if path is not None else None, list(overrides))
+
+
+# ---- fitting a recipe to its data ----------------------------------------------------------------
+
+
+def is_builtin_recipe(path: Path) -> bool:
+    return path.resolve().parent == CONFIG_DIR.resolve()
+
+
+@dataclass
+class ConfigDraft:
+    """A recipe merged with the user's settings, not yet built: what gets fitted to the data first.
+
+    `user_keys` are the dotted keys the user set: `key=value` overrides and flags, and every key of
+    a YAML file of their own given to --config. A built-in recipe's values (training/configs/) and
+    the dataclass defaults are defaults: fitting may change them, and says so in `adapted`.
+    """
+
+    cls: type  # the config dataclass that `build` makes (TrainConfig, or fine-tuning's subclass)
+    tree: dict[str, Any]  # the merged settings, nested like the YAML
+    user_keys: frozenset[str]  # dotted keys the user set
+    adapted: list[str] = field(default_factory=list)  # what fitting changed: "data.seq_len 32 -> 256 from ..."
+
+    def user_set(self, key: str) -> bool:
+        return key in self.user_keys
+
+    def value(self, key: str, tp: Any = int) -> Any:
+        """The draft's value at dotted `key` (the dataclass default when unset), checked against `tp`."""
+        try:
+            raw = get_dotted(self.tree, key)
+        except (KeyError, TypeError, AttributeError):
+            raw = get_dotted(self.cls(), key)
+        return coerce(raw, tp, key)
+
+    def adapt(self, key: str, value: Any, why: str) -> None:
+        """Set a default to what the data needs, noting it when it changes."""
+        old = self.value(key, type(value))
+        if old != value:
+            apply_overrides(self.tree, [(key, value)])
+            self.adapted.append(f"{key} {old} -> {value} {why}")
+
+    def build(self):
+        """The validated config (unknown keys, types and cross-section checks as in `load_train_config`)."""
+        return from_dict(self.cls, copy.deepcopy(self.tree))
+
+    def adapted_line(self) -> str | None:
+        """The one console line saying what fitting changed (None when nothing)."""
+        return f"[raylm] {'; '.join(self.adapted)}" if self.adapted else None
+
+
+def draft_train_config(path: str | Path | None, overrides: Iterable[str | tuple[str, Any]] = (), cls: type = TrainConfig) -> ConfigDraft:
+    """A recipe (built-in name or YAML path) + overrides, merged, with the keys the user set."""
+    recipe = recipe_path(str(path)) if path is not None else None
+    pairs = override_pairs(overrides)
+    file_tree = read_yaml(recipe) if recipe is not None else {}
+    user = override_keys(pairs)
+    if recipe is not None and not is_builtin_recipe(recipe):
+        user |= leaf_keys(file_tree)  # the user's own file: its values are choices, not defaults
+    return ConfigDraft(cls, apply_overrides(copy.deepcopy(file_tree), pairs), frozenset(user))
+
+
+def fit_to_dataset(draft: ConfigDraft, *, seq_len: int, vocab_size: int, where: str) -> ConfigDraft:
+    """Fit a pretraining draft to a dataset packed at `seq_len` whose tokenizer has `vocab_size` tokens.
+
+    - data.seq_len must equal the dataset's: its rows hold exactly seq_len + 1 ids.
+    - model.max_seq_len follows data.seq_len; set, it may be larger (a longer-context model trained
+      on shorter rows), never smaller.
+    - model.vocab_size follows the tokenizer; set, it may be larger (embedding rows no token id
+      reaches: padding, e.g. to a multiple of 64), never smaller.
+    A default adapts (noted in draft.adapted); a setting of the user's that conflicts is a UserError
+    naming both numbers and what would fit. `where` names the dataset in messages.
+    """
+    asked = draft.value("data.seq_len")
+    if draft.user_set("data.seq_len") and asked != seq_len:
+        raise UserError(
+            f"data.seq_len={asked} asked for a dataset packed at {seq_len} ({where}): its rows hold exactly "
+            f"{seq_len} + 1 tokens; leave data.seq_len out (it follows the dataset) or re-prepare with --seq-len {asked}"
+        )
+    draft.adapt("data.seq_len", seq_len, "from the dataset's rows")
+
+    context = draft.value("model.max_seq_len")
+    if not draft.user_set("model.max_seq_len"):
+        draft.adapt("model.max_seq_len", seq_len, "= data.seq_len")
+    elif context < seq_len:
+        raise UserError(
+            f"model.max_seq_len={context} asked for a dataset packed at {seq_len} ({where}): the context must "
+            f"hold a row; set model.max_seq_len={seq_len} or more, or leave it out (it follows data.seq_len)"
+        )
+
+    vocab = draft.value("model.vocab_size")
+    if not draft.user_set("model.vocab_size"):
+        draft.adapt("model.vocab_size", vocab_size, "from the dataset's tokenizer")
+    elif vocab < vocab_size:
+        raise UserError(
+            f"model.vocab_size={vocab} asked for a dataset whose tokenizer has {vocab_size} tokens ({where}): "
+            f"set model.vocab_size={vocab_size} or more, or leave it out (it follows the tokenizer)"
+        )
+    return draft

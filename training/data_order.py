@@ -9,8 +9,12 @@ batches on a restart, a re-run, or at another worker count with the same global 
 step counts on every rank by construction. (The driver materializes small splits in Ray's object
 store, so "reading" is then a memory copy.)
 
-Micro-batches are whole rows (`input_ids`, and `loss_mask` when the rows have one) as tensors;
-turning a row into inputs and targets is the loss's business (training/losses.py).
+Micro-batches are whole rows (`input_ids`, and `loss_mask` / `segment_ids` when the rows have
+them) as tensors; turning a row into inputs and targets is the loss's business (training/losses.py).
+
+An epoch ends when fewer rows than a global batch are left; the next epoch starts from its first
+row under its own shuffle. A run resumed exactly at an epoch's end (every row consumed) goes on
+with the next epoch.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ def as_columns(batch: dict) -> Rows:
     columns = {"input_ids": np.stack(list(batch["input_ids"])).astype(np.int64)}
     if "loss_mask" in batch:
         columns["loss_mask"] = np.stack(list(batch["loss_mask"])).astype(bool)
+    if "segment_ids" in batch:
+        columns["segment_ids"] = np.stack(list(batch["segment_ids"])).astype(np.int64)
     return columns
 
 
@@ -67,11 +73,43 @@ def rank_micro_batches(batch: Rows, rank: int, size: int, accum: int, device) ->
     return [micro_batch(batch, first + i * size, size, device) for i in range(accum)]
 
 
+def epoch_batches(shard, window: int, seed: int, size: int, epoch: int, skip_rows: int) -> Iterator[tuple[int, Rows]]:
+    """(epoch, global batch) from where a run stands on, epoch after epoch, without end.
+
+    An epoch that has nothing left to give (a resume at its very end) passes to the next one; an
+    epoch that gives nothing from its start means the split holds fewer rows than one global batch.
+    """
+    while True:
+        stepped = False
+        for batch in global_batches(shard, window, seed, epoch, size, skip_rows):
+            stepped = True
+            yield epoch, batch
+        if not stepped and skip_rows == 0:
+            raise RuntimeError(f"the train split has fewer rows than one global batch ({size} rows)")
+        epoch, skip_rows = epoch + 1, 0
+
+
 def eval_micro_batches(eval_rows: Rows | None, size: int, rank: int, world: int, device) -> list[dict[str, torch.Tensor]]:
-    """This rank's equal, contiguous share of the fixed eval set, in micro-batches of up to `size` rows."""
+    """This rank's contiguous share of the fixed eval set, in micro-batches of up to `size` rows.
+
+    Every row is scored once, whatever the world size: the set is cut into `world` shares of
+    ceil(rows / world) rows, and the last shares are filled up with rows whose loss_mask is all
+    False, so that every rank runs the same number of forwards (ZeRO-3 gathers weights
+    collectively) while only real rows count. The loss is then summed over ranks and divided by
+    the total count, not averaged per rank.
+    """
     if not eval_rows:
         return []
-    per_rank = len(eval_rows["input_ids"]) // world
+    n = len(eval_rows["input_ids"])
+    per_rank = -(-n // world)
+    columns = dict(eval_rows)
+    if "loss_mask" not in columns:
+        columns["loss_mask"] = np.ones_like(columns["input_ids"], dtype=bool)
+    missing = per_rank * world - n
+    if missing:
+        filler = {name: np.repeat(array[:1], missing, axis=0) for name, array in columns.items()}
+        filler["loss_mask"][:] = False
+        columns = {name: np.concatenate([array, filler[name]]) for name, array in columns.items()}
     # A copy: the rows may be read-only Arrow buffers, which torch.from_numpy warns about.
-    mine = {name: array[rank * per_rank : (rank + 1) * per_rank].copy() for name, array in eval_rows.items()}
+    mine = {name: array[rank * per_rank : (rank + 1) * per_rank].copy() for name, array in columns.items()}
     return [micro_batch(mine, start, size, device) for start in range(0, per_rank, size)]

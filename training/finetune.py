@@ -24,11 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
-from raylm.core.config import load_config, override_pairs
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 from raylm.core.files import write_json_atomic
-from raylm.training.config import FLAG_SHORTCUTS, TrainConfig, recipe_names, recipe_path
+from raylm.training.config import (
+    FLAG_SHORTCUTS,
+    ConfigDraft,
+    TrainConfig,
+    draft_train_config,
+    recipe_names,
+)
 from raylm.training.sft_data import (
     SftDataConfig,
     SftRows,
@@ -84,7 +89,7 @@ def heldout_loss(model_dir: str | Path, rows: list[dict], batch: int) -> float |
     import torch
 
     from raylm.model.model_dir import load_model_dir
-    from raylm.model.transformer import cross_entropy_loss
+    from raylm.training.losses import next_token_loss
 
     if not rows:
         return None
@@ -94,12 +99,10 @@ def heldout_loss(model_dir: str | Path, rows: list[dict], batch: int) -> float |
     with torch.no_grad():
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
-            ids = torch.from_numpy(np.stack([r["input_ids"] for r in chunk])).long().to(device)
-            mask = torch.from_numpy(np.stack([r["loss_mask"] for r in chunk])).to(device)
-            targets, target_mask = ids[:, 1:], mask[:, 1:]
-            n = int(target_mask.sum())
-            total += float(cross_entropy_loss(model(ids[:, :-1]), targets, target_mask)) * n
-            count += n
+            micro = {name: torch.from_numpy(np.stack([r[name] for r in chunk])).to(device) for name in chunk[0]}
+            micro["input_ids"] = micro["input_ids"].long()
+            loss_sum, n = next_token_loss(model, micro)
+            total, count = total + float(loss_sum), count + int(n)
     return total / max(count, 1)
 
 
@@ -181,26 +184,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parse_command_line(parser, argv)
 
 
-def load_finetune_config(path: str, base: str, overrides: list[str | tuple[str, Any]]) -> FinetuneConfig:
-    """A recipe + overrides, with the `model` section taken from the base model dir's config.json.
+def finetune_config(path: str, base: str, overrides: list[str | tuple[str, Any]]) -> ConfigDraft:
+    """A recipe + overrides, the `model` section taken from the base model dir's config.json, and
+    data.seq_len fitted to the base's context. Build the FinetuneConfig with `.build()`.
 
     The architecture is the base's, so a recipe that sets `model.*` would only mislead: refused.
+    data.seq_len is the recipe's row length, capped at the base's context (max_position_embeddings)
+    unless the user set it; a user's data.seq_len past that context is refused.
     """
-    from raylm.core.config import read_yaml
     from raylm.model.model_dir import read_model_config
 
-    tree = read_yaml(recipe_path(path))
-    pairs = override_pairs(overrides)
-    model_keys = ["model"] * ("model" in tree) + [key for key, _ in pairs if key.split(".")[0] == "model"]
+    draft = draft_train_config(path, overrides, cls=FinetuneConfig)
+    model_keys = sorted(key for key in draft.user_keys if key.split(".")[0] == "model") + ["model"] * ("model" in draft.tree)
     if model_keys:
         raise UserError(f"config key {model_keys[0]!r}: fine-tuning takes the model from --base's config.json; leave model.* out")
-    tree["model"] = dataclasses.asdict(read_model_config(base))  # refuses other architectures and RoPE kinds
-    return load_config(FinetuneConfig, None, pairs, base=tree)
+    model = read_model_config(base)  # refuses other architectures and RoPE kinds
+    draft.tree["model"] = dataclasses.asdict(model)
+    return fit_to_base_context(draft, model.max_seq_len, f"{base}/config.json")
+
+
+def fit_to_base_context(draft: ConfigDraft, context: int, where: str) -> ConfigDraft:
+    asked = draft.value("data.seq_len")
+    if asked <= context:
+        return draft
+    if draft.user_set("data.seq_len"):
+        raise UserError(
+            f"data.seq_len={asked} asked for a base model whose context is {context} tokens ({where}: "
+            f"max_position_embeddings); set data.seq_len={context} or less, or leave it out (the recipe's, capped at the base's context)"
+        )
+    draft.adapt("data.seq_len", context, "= the base model's context")
+    return draft
+
+
+def load_finetune_config(path: str, base: str, overrides: list[str | tuple[str, Any]]) -> FinetuneConfig:
+    """`finetune_config(...).build()`: the validated FinetuneConfig."""
+    return finetune_config(path, base, overrides).build()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_finetune_config(args.config, args.base, [*args.overrides, *config_values(args).items()])
+    draft = finetune_config(args.config, args.base, [*args.overrides, *config_values(args).items()])
+    cfg = draft.build()
+    if draft.adapted:
+        print(draft.adapted_line())
     finetune(cfg, args.base, args.data, args.out, args.address)
     return 0
 

@@ -10,6 +10,8 @@ reach (a local disk on one machine, NFS or similar on a cluster). It ends up hol
     checkpoint_step*/   resumable DeepSpeed checkpoints (training/checkpoint.py), the last `keep`
     model/              the trained model as a Hugging Face Llama-format dir
     metrics.jsonl       one JSON object per logged step
+    raylm.log           resumes, checkpoints found partial or broken, workers that died: one line each
+    worker-failures.log every rank's error in full, each time the worker group failed
     run.json            the resolved config, kind, data, summary figures (written last)
     report.md, plots/   the run report (training/report.py)
     wandb/              the W&B run files (offline runs sync later with `wandb sync`)
@@ -35,9 +37,11 @@ from raylm.core.errors import UserError
 from raylm.core.files import write_json_atomic
 from raylm.training.config import (
     FLAG_SHORTCUTS,
+    ConfigDraft,
     TrainConfig,
+    draft_train_config,
+    fit_to_dataset,
     global_batch,
-    load_train_config,
     recipe_names,
 )
 from raylm.training.data_order import as_columns
@@ -99,11 +103,39 @@ def check_rows(name: str, count: int, needed: int, what: str) -> None:
 
 
 def fixed_eval_rows(val, rows: int) -> dict[str, np.ndarray] | None:
-    """The eval set: the val split's first `rows` rows, read once here and shipped to the workers."""
-    if rows <= 0:
+    """The eval set: the val split's first `rows` rows (0 = all of them), read once here and shipped
+    to the workers, which score every row once whatever their number (data_order.eval_micro_batches)."""
+    val.context.execution_options.preserve_order = True  # "first" means in file order, run after run
+    if rows > 0:
+        val = val.limit(rows)
+    batches = list(val.iter_batches(batch_size=4096, batch_format="numpy"))
+    columns = [as_columns(batch) for batch in batches if len(batch["input_ids"])]
+    if not columns:
         return None
-    batch = val.limit(rows).take_batch(rows, batch_format="numpy")
-    return as_columns(batch) if len(batch["input_ids"]) else None
+    return {name: np.concatenate([c[name] for c in columns]) for name in columns[0]}
+
+
+def quiet_console(*datasets) -> None:
+    """Ray settings that keep a training run's console to one line per event (issue 12).
+
+    Call before the datasets run and before the trainer is built; `datasets` may hold None.
+    """
+    import os
+
+    from ray.data import DataContext
+
+    # Ray Train V2 patches `print` in its workers so that a print goes to stdout *and* to the root
+    # logger, whose handler writes to stderr; Ray forwards both streams, so every step line reached
+    # the console twice. Ray Train passes this variable from the driver's environment on to its
+    # controller and workers when fit() starts them. A user who sets it keeps their value.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Data's progress bars (tqdm in every worker; "Total Progress" blocks in the driver when
+    # stdout is no terminal) smear into the step lines. The trainer hands the driver's current
+    # DataContext to its workers; each dataset runs under the DataContext it was made with.
+    DataContext.get_current().enable_progress_bars = False
+    for dataset in datasets:
+        if dataset is not None:
+            dataset.context.enable_progress_bars = False
 
 
 def run_training(
@@ -125,7 +157,6 @@ def run_training(
     """
     import ray.data
     from ray.train import (
-        CheckpointConfig,
         DataConfig,
         FailureConfig,
         RunConfig,
@@ -133,6 +164,8 @@ def run_training(
     )
     from ray.train.torch import TorchTrainer
 
+    from raylm.training.engine import use_own_torch_extensions_dir
+    from raylm.training.failures import FailureReporter
     from raylm.training.loop import train_loop_per_worker
 
     run_dir = Path(out).expanduser().resolve()
@@ -142,6 +175,8 @@ def run_training(
         cfg.model = read_model_config(init_model_dir)
         if cfg.data.seq_len > cfg.model.max_seq_len:
             raise UserError(f"data.seq_len ({cfg.data.seq_len}) exceeds the base model's max_position_embeddings ({cfg.model.max_seq_len})")
+    quiet_console(train, val)
+    use_own_torch_extensions_dir()  # DeepSpeed's compiled ops: this venv's own cache (training/engine.py)
     use_gpu = resolve_use_gpu(cfg.scaling.use_gpu)
     resolve_precision(cfg.deepspeed.precision, use_gpu)
     world = cfg.scaling.num_workers
@@ -149,9 +184,7 @@ def run_training(
     check_rows("the train", train_rows, global_batch(cfg, world), f"a global batch of {world} workers")
     if train_rows * (cfg.data.seq_len + 1) * 8 <= cfg.data.materialize_max_mb * 2**20:
         train = train.materialize()  # read once here, not once per worker and epoch
-    eval_rows = fixed_eval_rows(val, cfg.eval.batches * cfg.data.micro_batch * world) if val is not None else None
-    if eval_rows is not None:
-        check_rows("the val", len(eval_rows["input_ids"]), world, f"evaluation on {world} workers (or set eval.batches=0)")
+    eval_rows = fixed_eval_rows(val, cfg.eval.rows) if val is not None else None
 
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if use_gpu:
@@ -169,7 +202,8 @@ def run_training(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            # No CheckpointConfig: the loop keeps its checkpoints itself (training/checkpoint_store.py).
+            callbacks=[FailureReporter(str(run_dir), cfg.scaling.max_failures)],  # a dead worker is one line
         ),
         datasets={"train": train},
         # Every worker reads the whole split in file order; the loop derives its share (training/data_order.py).
@@ -216,12 +250,16 @@ def dataset_splits(data_dir: str) -> tuple[dict, list[str], list[str]]:
     return manifest, shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
 
 
-def check_dataset_fits(manifest: dict, cfg: TrainConfig, data_dir: str) -> None:
-    where = f"{data_dir}/manifest.json"
-    if manifest["seq_len"] != cfg.data.seq_len:
-        raise UserError(f"{where}: seq_len is {manifest['seq_len']} but data.seq_len is {cfg.data.seq_len}; set data.seq_len={manifest['seq_len']} or re-prepare")
-    if manifest["vocab_size"] > cfg.model.vocab_size:
-        raise UserError(f"{where}: vocab_size is {manifest['vocab_size']} but model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size={manifest['vocab_size']}")
+def pretrain_config(config: str, overrides: list, data_dir: str) -> ConfigDraft:
+    """The recipe + the user's settings, fitted to the dataset dir (its manifest's seq_len and vocab_size).
+
+    Build the TrainConfig with `.build()`; `.adapted_line()` says what was fitted.
+    """
+    from raylm.data.dataset_dir import read_dataset_manifest
+
+    draft = draft_train_config(config, overrides)  # a wrong recipe is named before a wrong dataset dir
+    manifest = read_dataset_manifest(data_dir)
+    return fit_to_dataset(draft, seq_len=manifest["seq_len"], vocab_size=manifest["vocab_size"], where=f"{data_dir}/manifest.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -237,9 +275,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_train_config(args.config, [*args.overrides, *config_values(args).items()])
+    draft = pretrain_config(args.config, [*args.overrides, *config_values(args).items()], args.data)
+    cfg = draft.build()
+    if draft.adapted:
+        print(draft.adapted_line())
     manifest, train_paths, val_paths = dataset_splits(args.data)
-    check_dataset_fits(manifest, cfg, args.data)
 
     import ray.data
 

@@ -1,10 +1,11 @@
 """One Ray Train worker's run, as an object: `setup` builds and resumes, `train` steps, `finish` exports.
 
-`train` walks the epochs of the data order (training/data_order.py) until max_steps, or until
-rank 0 votes the time limit reached. Each step is `train_step` (forward/backward over `grad_accum`
+`train` walks the data order (training/data_order.py), epoch after epoch, until max_steps, or
+until rank 0 votes the time limit reached. Each step is `train_step` (forward/backward over `grad_accum`
 micro-batches and one optimizer step), then `log_step` (train metrics and, when due, `evaluate`)
-and, when due, `save_checkpoint` through `ray.train.report`. What a resume needs is one TrainState,
-written into every checkpoint.
+and, when due, `save_checkpoint` (training/checkpoint_store.py: every rank's part, then its
+completion record) and `ray.train.report`. What a resume needs is one TrainState, written into
+every checkpoint.
 
 Pretraining and fine-tuning run this same code. They differ in their rows (with or without
 `loss_mask`), their loss (training/losses.py, chosen by the run kind) and their starting weights
@@ -27,18 +28,20 @@ import torch.distributed as dist
 from raylm.core.config import from_dict
 from raylm.model.model_dir import save_model_dir
 from raylm.model.transformer import flops_per_token
-from raylm.training import checkpoint
+from raylm.training import checkpoint, checkpoint_store
 from raylm.training.config import TrainConfig, global_batch, grad_accum
 from raylm.training.data_order import (
+    epoch_batches,
     eval_micro_batches,
-    global_batches,
     rank_micro_batches,
 )
 from raylm.training.engine import grad_norm_of, init_engine, set_lr
-from raylm.training.faults import maybe_inject_fault
-from raylm.training.losses import loss_for
+from raylm.training.failures import quiet_peer_failures
+from raylm.training.faults import maybe_inject_fault, record_worker
+from raylm.training.losses import loss_for, target_count
 from raylm.training.measure import Throughput, memory_gb, peak_flops
 from raylm.training.resume import ResumePoint, latest_checkpoint
+from raylm.training.run_log import say
 from raylm.training.schedule import learning_rate
 from raylm.training.tracking import Tracker, new_wandb_id, perplexity
 
@@ -79,7 +82,7 @@ class TrainState:
 @dataclass
 class StepResult:
     lr: float  # the learning rate the step used
-    loss: float  # this rank's mean loss over its micro-batches
+    loss: float  # the global batch's mean token loss (over every rank)
     grad_norm: float | None  # the global gradient norm, where known
 
 
@@ -88,10 +91,10 @@ def due(step: int, every: int, is_last: bool) -> bool:
     return is_last or (every > 0 and step % every == 0)
 
 
-def all_reduce_mean(values: list[float], device) -> list[float]:
+def all_reduce_sum(values: list[float], device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
+    return tensor.tolist()
 
 
 class Trainer:
@@ -121,8 +124,10 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         self.accum, self.batch_rows = grad_accum(cfg, self.world), global_batch(cfg, self.world)
         self.zero_stage = cfg.deepspeed.zero_stage
+        record_worker(self.run_dir, self.rank)
+        quiet_peer_failures(self.run_dir, self.rank)
 
-        with latest_checkpoint(self.world, self.zero_stage) as resume_point:
+        with latest_checkpoint(self.run_dir, self.rank, self.world, self.zero_stage, self.device) as resume_point:
             checkpoint.seed_everything(cfg.seed + self.rank)
             universal = resume_point is not None and resume_point.universal
             self.engine = init_engine(cfg, self.world, self.use_gpu, self.loop_config.get("init_model_dir"), universal)
@@ -143,12 +148,12 @@ class Trainer:
         """Weights, optimizer, RNGs and position from a checkpoint: the run goes on as if it had never stopped."""
         checkpoint.load_checkpoint(self.engine, point.load_dir)
         # A rank that did not exist when the checkpoint was written has no saved RNG states.
-        checkpoint.restore_rng(point.checkpoint_dir, self.rank, self.cfg.seed + self.rank + point.saved["step"])
+        checkpoint.restore_rng(point.checkpoint_dir, self.rank, self.cfg.seed + self.rank + point.saved["step"], self.device)
         self.state = TrainState.from_saved(point.saved)
         if self.rank == 0:
             saved = point.saved
-            how = f"universal checkpoint (was {saved['world_size']} workers, ZeRO-{saved['zero_stage']})" if point.universal else "checkpoint"
-            print(f"[raylm] resuming from step {self.state.step} ({how})", flush=True)
+            how = f", universal: was {saved['world_size']} workers, ZeRO-{saved['zero_stage']}" if point.universal else ""
+            say(self.run_dir, f"resuming from step {self.state.step} ({point.checkpoint_dir.name}{how})")
 
     def elapsed_s(self) -> float:
         """Seconds trained over all attempts."""
@@ -157,50 +162,50 @@ class Trainer:
     # ---- training --------------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Epoch after epoch until the last step: max_steps, or the time limit."""
+        """Step through the data order until the last step: max_steps, or the time limit."""
         if self.state.step == 0 and self.cfg.eval.at_start:
             val_loss = self.evaluate()
             if val_loss is not None:
                 self.tracker.log({"step": 0, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "elapsed_s": 0.0})
-        finished = self.state.step >= self.cfg.max_steps
-        while not finished:
-            finished = self.train_epoch()
-
-    def train_epoch(self) -> bool:
-        """The rest of the current epoch; True once the run's last step is done, else the next epoch is set up."""
+        if self.state.step >= self.cfg.max_steps:
+            return
         data = self.cfg.data
-        batches = global_batches(self.train_shard, data.shuffle_window, data.shuffle_seed, self.state.epoch,
-                                 self.batch_rows, self.state.rows_in_epoch)
-        stepped = False
-        for batch in batches:
-            stepped = True
+        batches = epoch_batches(self.train_shard, data.shuffle_window, data.shuffle_seed, self.batch_rows,
+                                self.state.epoch, self.state.rows_in_epoch)
+        for epoch, batch in batches:
+            if epoch != self.state.epoch:
+                self.state.next_epoch()
             maybe_inject_fault(self.cfg.faults, self.rank, self.state.step, self.run_dir)
             result = self.train_step(batch)
-            loss, out_of_time = self.reduce_loss_and_stop_vote(result.loss)
+            out_of_time = self.stop_vote()
             is_last = self.state.step == self.cfg.max_steps or out_of_time
-            row = self.log_step(result, loss, is_last)
+            row = self.log_step(result, is_last)
             if due(self.state.step, self.cfg.checkpoint.every, is_last):
-                metrics = {"step": self.state.step, "loss": loss}
+                metrics = {"step": self.state.step, "loss": result.loss}
                 if "val_loss" in row:
                     metrics["val_loss"] = row["val_loss"]
                 self.save_checkpoint(metrics)
             if is_last:
-                return True
-        if not stepped:
-            raise RuntimeError("the train split has fewer rows than one global batch")
-        self.state.next_epoch()
-        return False
+                return
 
     def train_step(self, batch: dict[str, np.ndarray]) -> StepResult:
-        """One optimizer step on this rank's share of a global batch: `grad_accum` forward/backwards, one update."""
+        """One optimizer step on this rank's share of a global batch: `grad_accum` forward/backwards, one update.
+
+        Each micro-batch backpropagates its summed token loss divided by the target count of the
+        whole global batch, times world x accum to undo DeepSpeed's averaging over micro-batches
+        (backward scales by 1/accum) and ranks (the gradient all-reduce averages): the gradient is
+        that of the global batch's mean token loss, however the batch is split.
+        """
         start = time.perf_counter()
         lr = learning_rate(self.state.step, self.cfg)
         set_lr(self.engine, lr)
+        targets = max(target_count(batch), 1)
+        scale = self.world * self.accum / targets
         loss_sum, own_norm = 0.0, None
         for i, micro in enumerate(rank_micro_batches(batch, self.rank, self.cfg.data.micro_batch, self.accum, self.device)):
-            loss = self.loss_fn(self.engine, micro)
-            self.engine.backward(loss)
-            loss_sum += float(loss.detach())
+            total, _ = self.loss_fn(self.engine, micro)
+            self.engine.backward(total * scale)
+            loss_sum += float(total.detach())
             # Measured before the update, which clears the gradients; used only if DeepSpeed reports none.
             if i == self.accum - 1 and self.zero_stage == 0 and self.engine.get_global_grad_norm() is None:
                 own_norm = grad_norm_of(self.engine.module)
@@ -212,30 +217,31 @@ class Trainer:
         self.throughput.add(tokens, seconds)
         self.state.advance(self.batch_rows, tokens)
         ds_norm = self.engine.get_global_grad_norm()
-        return StepResult(lr=lr, loss=loss_sum / self.accum, grad_norm=float(ds_norm) if ds_norm is not None else own_norm)
+        loss = all_reduce_sum([loss_sum], self.device)[0] / targets
+        return StepResult(lr=lr, loss=loss, grad_norm=float(ds_norm) if ds_norm is not None else own_norm)
 
-    def reduce_loss_and_stop_vote(self, local_loss: float) -> tuple[float, bool]:
-        """The loss averaged over ranks, and whether to stop now.
-
-        One all-reduce carries both, and only rank 0 reads the clock, so all ranks stop at the same step.
-        """
+    def stop_vote(self) -> bool:
+        """Whether to stop now: only rank 0 reads the clock, and all ranks learn its answer, so they stop at the same step."""
         out_of_time = self.rank == 0 and self.cfg.max_time_s > 0 and self.elapsed_s() >= self.cfg.max_time_s
-        loss, stop_vote = all_reduce_mean([local_loss, float(out_of_time)], self.device)
-        return loss, stop_vote > 0
+        return all_reduce_sum([float(out_of_time)], self.device)[0] > 0
 
     def evaluate(self) -> float | None:
-        """The loss on the fixed eval set, averaged over ranks; None when there is no eval set."""
+        """The mean token loss over the fixed eval set (summed over ranks, then divided); None when there is none."""
         if not self.eval_batches:
             return None
         self.engine.eval()
+        total, count = 0.0, 0
         with torch.no_grad():
-            losses = [float(self.loss_fn(self.engine, micro)) for micro in self.eval_batches]
+            for micro in self.eval_batches:
+                loss_sum, n = self.loss_fn(self.engine, micro)
+                total, count = total + float(loss_sum), count + int(n)
         self.engine.train()
-        return all_reduce_mean([sum(losses) / len(losses)], self.device)[0]
+        total, count = all_reduce_sum([total, float(count)], self.device)
+        return total / max(count, 1.0)
 
     # ---- logging ---------------------------------------------------------------------------------
 
-    def log_step(self, result: StepResult, loss: float, is_last: bool) -> dict:
+    def log_step(self, result: StepResult, is_last: bool) -> dict:
         """Log the step's row and return it ({} when nothing is due).
 
         Train metrics every `logging.every` steps and at the first and last; the val loss every
@@ -244,11 +250,11 @@ class Trainer:
         step = self.state.step
         row: dict = {}
         if due(step, self.cfg.logging.every, is_last) or step == 1:
-            row = self.train_row(result, loss)
+            row = self.train_row(result)
         if due(step, self.cfg.eval.every, is_last):
             val_loss = self.evaluate()
             if val_loss is not None:
-                row = row or self.loss_row(result, loss)
+                row = row or self.loss_row(result)
                 row.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
         if row:
             row["elapsed_s"] = self.elapsed_s()
@@ -256,34 +262,43 @@ class Trainer:
             self.last_row = row
         return row
 
-    def loss_row(self, result: StepResult, loss: float) -> dict:
-        return {"step": self.state.step, "loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
+    def loss_row(self, result: StepResult) -> dict:
+        return {"step": self.state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                 "tokens_per_s": None, "mfu": None, "mem_gb": None}
 
-    def train_row(self, result: StepResult, loss: float) -> dict:
+    def train_row(self, result: StepResult) -> dict:
         tokens_per_s = self.throughput.take()
-        return self.loss_row(result, loss) | {
-            "tokens_per_s": tokens_per_s, "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world),
+        return self.loss_row(result) | {
+            "tokens_per_s": tokens_per_s, "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world) if self.peak_flops else None,
             "mem_gb": memory_gb(self.device), "tokens": self.state.tokens, "epoch": self.state.epoch,
         }
 
     # ---- checkpoints and export ------------------------------------------------------------------
 
     def save_checkpoint(self, metrics: dict) -> None:
-        """Every rank writes its part of a checkpoint and reports it; Ray Train merges the parts and keeps the last few."""
-        folder = checkpoint.save_checkpoint(self.engine, self.saved_state(), self.rank)
+        """Every rank writes its part of a checkpoint locally, copies it into the run dir and records it
+        complete; once every rank has, rank 0 prunes old checkpoints and all report to Ray Train.
+
+        The checkpoint goes to Ray as metrics only: raylm finds its checkpoints on storage itself
+        (training/checkpoint_store.py says why).
+        """
+        part = checkpoint.save_checkpoint(self.engine, self.saved_state(), self.rank, self.device)
         if self.cfg.checkpoint.export_hf:
-            self.export_model(folder / checkpoint.MODEL_SUBDIR)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                         checkpoint_dir_name=f"checkpoint_step{self.state.step:08d}")
-        shutil.rmtree(folder, ignore_errors=True)
+            self.export_model(part / checkpoint.MODEL_SUBDIR)
+        step = self.state.step
+        checkpoint_store.publish_part(part, self.run_dir / checkpoint_store.checkpoint_name(step), self.rank, self.world, step)
+        shutil.rmtree(part, ignore_errors=True)
+        dist.barrier()  # every rank's record is written: the checkpoint is complete
+        if self.rank == 0:
+            checkpoint_store.prune(self.run_dir, self.cfg.checkpoint.keep)
+        ray.train.report(metrics)
 
     def saved_state(self) -> dict:
         return self.state.to_saved(self.elapsed_s(), world_size=self.world, zero_stage=self.zero_stage, global_batch=self.batch_rows)
 
     def export_model(self, target: Path) -> None:
-        """The weights as a Hugging Face model dir, written by rank 0 (every rank gathers under ZeRO-3)."""
-        weights = checkpoint.full_state_dict(self.engine, self.zero_stage)
+        """The weights as a Hugging Face model dir, written by rank 0 (every rank takes part in ZeRO-3's gathers)."""
+        weights = checkpoint.full_state_dict(self.engine, self.zero_stage, self.rank)
         if self.rank == 0:
             source = {"kind": self.kind, "step": self.state.step, "run_dir": str(self.run_dir)}
             save_model_dir(target, weights, self.cfg.model, self.loop_config["tokenizer_dir"], source=source)

@@ -195,10 +195,35 @@ def load_config(
     tree: dict[str, Any] = dict(base or {})
     if path is not None:
         tree = read_yaml(path)
-    for key, value in override_pairs(overrides):
-        _set_dotted(tree, key, value)
+    apply_overrides(tree, override_pairs(overrides))
     return from_dict(cls, tree)
 
 
 def override_pairs(overrides: typing.Iterable[str | tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [parse_override(item) if isinstance(item, str) else item for item in overrides]
+
+
+def apply_overrides(tree: dict[str, Any], pairs: typing.Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Set each (dotted key, value) in the nested mapping `tree`, in order; returns `tree`."""
+    for key, value in pairs:
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def leaf_keys(tree: Any, prefix: str = "") -> set[str]:
+    """The dotted keys a nested mapping sets: {"data": {"seq_len": 64}} -> {"data.seq_len"}."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip(".")} if prefix else set()
+    return set().union(*(leaf_keys(value, f"{prefix}{key}.") for key, value in tree.items()))
+
+
+def override_keys(pairs: typing.Iterable[tuple[str, Any]]) -> set[str]:
+    """The dotted keys (key, value) overrides set; a mapping value sets each of its leaves."""
+    return set().union(set(), *(leaf_keys(value, f"{key}.") for key, value in pairs))
+
+
+def get_dotted(obj: Any, dotted: str) -> Any:
+    """`obj.a.b` (attributes, as of a dataclass tree) or `obj["a"]["b"]` (a mapping) for "a.b"."""
+    for part in dotted.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj

@@ -8,7 +8,10 @@ Choices, each one Llama's, so that the model dir loads in `transformers` and vLL
 - grouped-query attention (n_kv_heads divides n_heads; kv head i serves query heads
   i*g .. i*g+g-1) through `F.scaled_dot_product_attention`;
 - SwiGLU feed-forward: down(silu(gate(x)) * up(x));
-- no biases anywhere; a final RMSNorm; an LM head, optionally tied to the embedding.
+- no biases anywhere; a final RMSNorm; an LM head, optionally tied to the embedding;
+- packed rows (several examples in one row, for SFT) through `segments`: a block-diagonal causal
+  mask handed to SDPA and positions that restart per example, so each example is computed exactly
+  as it would be alone.
 
 Parameter names mirror Hugging Face's `LlamaForCausalLM` (without its `model.` prefix), so export
 and import are a rename of the prefix, not a mapping table.
@@ -172,14 +175,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` [B, 1, T, T] (True = may attend) replaces the causal mask, e.g. for packed rows."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            mask, causal = None, True
+            causal = mask is None
         else:
             k, v = cache.update(self.layer_index, k, v)  # [B, Hkv, S, D]
             mask, causal = cache.attn_mask, False
@@ -210,8 +214,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -257,34 +261,70 @@ class Transformer(nn.Module):
         loss_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
     ):
         """tokens [B, T] -> logits [B, T, vocab] (fp32), or the mean loss when targets [B, T] are given.
 
         `loss_mask` [B, T] (bool) keeps the loss on the True positions only (e.g. assistant
         tokens in chat SFT). `positions` [B, T] defaults to 0..T-1; with a `cache` they say where
-        each token sits in its sequence.
+        each token sits in its sequence. `segments` [B, T] marks packed rows: a token attends only
+        to earlier tokens of its own segment, and its position counts from its segment's start
+        (unless `positions` are given), so each packed example is computed as if it were alone.
         """
         B, T = tokens.shape
+        mask = None
+        if segments is not None:
+            mask = segment_causal_mask(segments)
+            if positions is None:
+                positions = segment_positions(segments)
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed_tokens(tokens)  # [B, T, dim]
         for layer in self.layers:
             if self.activation_checkpoint is not None and self.training and cache is None:
-                x = self.activation_checkpoint(layer, x, cos, sin)
+                x = self.activation_checkpoint(layer, x, cos, sin, None, mask)
             else:
-                x = layer(x, cos, sin, cache)
+                x = layer(x, cos, sin, cache, mask)
         logits = self.lm_head(self.norm(x)).float()  # [B, T, vocab]
         if targets is None:
             return logits
         return cross_entropy_loss(logits, targets, loss_mask)
 
 
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token loss over the positions that count (all, or where loss_mask is True)."""
+def segment_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """segments [B, T] -> [B, 1, T, T]: query t may attend key s when s <= t and both share a segment."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]  # [B, T, T]
+    return (same & causal)[:, None]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """segments [B, T] -> positions [B, T] that restart at 0 where a new segment begins."""
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the next-token losses over the positions that count, how many count) as 0-d tensors.
+
+    The caller divides: by the count of one micro-batch for its mean, or by the count of a whole
+    global batch for a loss in which every token weighs the same (training/losses.py).
+    """
     if loss_mask is not None:
         targets = targets.masked_fill(~loss_mask.bool(), -100)
     targets = targets.reshape(-1)
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, ignore_index=-100, reduction="sum")
+    return total, (targets != -100).sum()
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token loss over the positions that count (all, or where loss_mask is True)."""
+    total, count = token_losses(logits, targets, loss_mask)
     # A batch with no counted position (a chat row without an assistant turn) gives 0, not NaN.
-    return total / (targets != -100).sum().clamp(min=1)
+    return total / count.clamp(min=1)
