@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     from raylm.core.ray_cluster import init_ray
 
     init_ray(args.address)
+    # Ray Data 2.60's default Parquet reader (datasource v2) lists files in a thread pool whose
+    # completion thread can raise InterruptedError as the listing task ends: a traceback on the
+    # console of a healthy run. The v1 reader reads the same shards (we pass their paths) without it.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     train = ray.data.read_parquet(train_paths).select_columns(["input_ids"])
     val = ray.data.read_parquet(val_paths).select_columns(["input_ids"]) if val_paths else None
     result = run_training(
