@@ -27,7 +27,7 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
-	$(BIN)/python bench/prepare.py && $(BIN)/python bench/train.py && $(BIN)/python bench/serve.py
+	$(BIN)/python bench/prepare.py && $(BIN)/python bench/train.py --peer && $(BIN)/python bench/serve.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -219,6 +219,10 @@ def test_a_worker_killed_right_after_a_checkpoint_resumes_from_it(dataset_dir, r
     console = capfd.readouterr()
     assert f"[raylm] {died}" in console.out
     assert "[FailurePolicy]" not in console.out + console.err and "Graceful shutdown" not in console.out + console.err
+    # Honest times: the restart shows in this command's wall time, beside the training time.
+    times = re.search(r"in (\d+)s of training, (\d+)s wall for this command", console.out)
+    assert times, console.out[-2000:]
+    assert int(times.group(2)) > int(times.group(1)) + 5  # a worker group's restart costs more than 5 s
     assert "The actor died unexpectedly" in (run / "worker-failures.log").read_text()
     assert_resumed_at(run, 17)
     assert losses(run) == losses(zero2)

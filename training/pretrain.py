@@ -262,6 +262,18 @@ def pretrain_config(config: str, overrides: list, data_dir: str) -> ConfigDraft:
     return fit_to_dataset(draft, seq_len=manifest["seq_len"], vocab_size=manifest["vocab_size"], where=f"{data_dir}/manifest.json")
 
 
+def summary_line(s: dict, model_dir) -> str:
+    """The run's last console line. Two times: the training time (over every attempt, from the
+    metrics) and this command's wall time, which also holds start-up, restarts after a dead worker
+    and the export; a run that restarted must not look as quick as one that did not."""
+    val_text = f", val loss {s['first_val_loss']:.3f} -> {s['final_val_loss']:.3f}" if s["final_val_loss"] is not None else ""
+    return (
+        f"pretrained {s['steps']} steps ({s['tokens'] or 0:,} tokens) in {s['seconds'] or 0:.0f}s of training, "
+        f"{s['driver_seconds']:.0f}s wall for this command: train loss "
+        f"{s['first_train_loss']:.3f} -> {s['final_train_loss']:.3f}{val_text}; model dir {model_dir}"
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raylm pretrain", description="Pretrain on a dataset dir with Ray Train + DeepSpeed ZeRO.")
     recipes = ", ".join(name for name in recipe_names() if not name.startswith("sft-"))
@@ -296,12 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, train=train, val=val, tokenizer_dir=str(Path(args.data) / "tokenizer"), out=args.out,
         source={"dataset_dir": str(Path(args.data).resolve()), "manifest_source": manifest.get("source")},
     )
-    s = result.summary
-    val_text = f", val loss {s['first_val_loss']:.3f} -> {s['final_val_loss']:.3f}" if s["final_val_loss"] is not None else ""
-    print(
-        f"pretrained {s['steps']} steps ({s['tokens'] or 0:,} tokens) in {s['seconds'] or 0:.0f}s: train loss "
-        f"{s['first_train_loss']:.3f} -> {s['final_train_loss']:.3f}{val_text}; model dir {result.model_dir}"
-    )
+    print(summary_line(result.summary, result.model_dir))
     return 0
 
 
