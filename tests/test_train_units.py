@@ -26,6 +26,7 @@ from raylm.training.checkpoint import (
 )
 from raylm.training.config import global_batch, grad_accum, load_train_config
 from raylm.training.data_order import (
+    InMemoryShard,
     epoch_batches,
     eval_micro_batches,
     global_batches,
@@ -91,6 +92,12 @@ def test_data_order_is_independent_of_the_batch_size_and_resumable(ray_cluster):
     assert sorted(by4) == list(range(100)) and by4 != list(range(100))  # every row once, shuffled
     assert stream(4, skip=40) == by4[40:]  # a resume skips exactly the consumed rows
     assert stream(4, epoch=1) != by4 and stream(4) == by4  # a new order per epoch, the same order per (seed, epoch)
+    # A small split read into the worker's memory walks the very same order, resumes included.
+    in_memory = InMemoryShard(ds.iterator())
+    for size, skip, epoch in ((4, 0, 0), (8, 0, 0), (4, 40, 0), (4, 0, 1), (32, 13, 2)):
+        ours = list(global_batches(in_memory, window=32, seed=7, epoch=epoch, size=size, skip_rows=skip))
+        theirs = list(global_batches(ds.iterator(), window=32, seed=7, epoch=epoch, size=size, skip_rows=skip))
+        assert len(ours) == len(theirs) and all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(ours, theirs))
 
 
 class FakeShard:

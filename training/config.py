@@ -46,7 +46,7 @@ class DataConfig:
     #   Set it to keep the optimisation identical when the worker count changes (grad_accum is derived).
     shuffle_seed: int = 0  # seed of the deterministic data order: epoch e is permuted by (shuffle_seed, e)
     shuffle_window: int = 4096  # rows permuted together in the data order; larger mixes more, holds more rows in memory
-    materialize_max_mb: int = 2048  # a train split up to this size is read once into Ray's object store, not streamed per worker
+    materialize_max_mb: int = 2048  # a train split up to this size is read once into Ray's object store and then into each worker's memory, not streamed beside every step
 
     def validate(self) -> None:
         for name in ("seq_len", "micro_batch", "grad_accum", "shuffle_window"):

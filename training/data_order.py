@@ -7,7 +7,7 @@ rows of that stream; worker r takes its contiguous slice of the global batch. Re
 rows already consumed. This trades reading the split once per worker for exactness: identical
 batches on a restart, a re-run, or at another worker count with the same global batch, and equal
 step counts on every rank by construction. (The driver materializes small splits in Ray's object
-store, so "reading" is then a memory copy.)
+store, and each worker then reads such a split into its own memory once: `InMemoryShard`.)
 
 Micro-batches are whole rows (`input_ids`, and `loss_mask` / `segment_ids` when the rows have
 them) as tensors; turning a row into inputs and targets is the loss's business (training/losses.py).
@@ -35,6 +35,28 @@ def as_columns(batch: dict) -> Rows:
     if "segment_ids" in batch:
         columns["segment_ids"] = np.stack(list(batch["segment_ids"])).astype(np.int64)
     return columns
+
+
+class InMemoryShard:
+    """A small train split read into this worker's memory once; every epoch walks it there.
+
+    Why: iterating a Ray Dataset runs Ray Data's streaming executor beside the train step for the
+    whole epoch; on a 2-core machine that cost a 1-worker run about 15% of its throughput against
+    Hugging Face Trainer (bench/train.py, part 4). The rows and their order are the shard's own and
+    `iter_batches` cuts the same windows, so the data order, and every resume, are unchanged.
+    Used for splits under data.materialize_max_mb (the driver materializes those already).
+    """
+
+    def __init__(self, shard):
+        batches = [as_columns(b) for b in shard.iter_batches(batch_size=4096, batch_format="numpy") if len(b["input_ids"])]
+        self.rows: Rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]} if batches else {}
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False) -> Iterator[Rows]:
+        count = len(self.rows["input_ids"]) if self.rows else 0
+        for start in range(0, count, batch_size):
+            if drop_last and start + batch_size > count:
+                return
+            yield {name: array[start : start + batch_size] for name, array in self.rows.items()}
 
 
 def shuffled_rows(shard, window: int, seed: int, epoch: int) -> Iterator[Rows]:

@@ -182,7 +182,8 @@ def run_training(
     world = cfg.scaling.num_workers
     train_rows = train.count()
     check_rows("the train", train_rows, global_batch(cfg, world), f"a global batch of {world} workers")
-    if train_rows * (cfg.data.seq_len + 1) * 8 <= cfg.data.materialize_max_mb * 2**20:
+    small = train_rows * (cfg.data.seq_len + 1) * 8 <= cfg.data.materialize_max_mb * 2**20
+    if small:
         train = train.materialize()  # read once here, not once per worker and epoch
     eval_rows = fixed_eval_rows(val, cfg.eval.rows) if val is not None else None
 
@@ -195,7 +196,7 @@ def run_training(
         train_loop_config={
             "config": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
             "init_model_dir": str(Path(init_model_dir).resolve()) if init_model_dir else None,
-            "use_gpu": use_gpu, "kind": kind, "eval_rows": eval_rows,
+            "use_gpu": use_gpu, "kind": kind, "eval_rows": eval_rows, "train_in_memory": small,
         },
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

@@ -31,6 +31,7 @@ from raylm.model.transformer import flops_per_token
 from raylm.training import checkpoint, checkpoint_store
 from raylm.training.config import TrainConfig, global_batch, grad_accum
 from raylm.training.data_order import (
+    InMemoryShard,
     epoch_batches,
     eval_micro_batches,
     rank_micro_batches,
@@ -139,6 +140,8 @@ class Trainer:
         self.tracker.start(resumed_step=self.state.step, wandb_id=self.state.wandb_id,
                            config=self.loop_config["config"] | {"kind": self.kind}, run_name=self.run_dir.name)
         self.train_shard = ray.train.get_dataset_shard("train")
+        if self.loop_config.get("train_in_memory"):
+            self.train_shard = InMemoryShard(self.train_shard)  # a small split: read once (data_order.py says why)
         self.eval_batches = eval_micro_batches(self.loop_config["eval_rows"], cfg.data.micro_batch, self.rank, self.world, self.device)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device.type, cfg.logging.peak_tflops_per_worker)
