@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from raylm.core.commands import COMMANDS
-from raylm.core.errors import UserError
+from raylm.core.errors import RunFailed, RunStopped, UserError
 
 
 def usage() -> str:
@@ -29,6 +29,12 @@ def run_subcommand(name: str, argv: list[str]) -> int:
     except UserError as err:
         print(f"raylm {name}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"raylm {name}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except RunStopped as err:
+        print(f"raylm {name}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"raylm {name}: interrupted", file=sys.stderr)
         return 130

@@ -34,7 +34,7 @@ import pytest
 import torch
 from pretrain_helpers import read_wandb_history
 
-from raylm.core.errors import UserError
+from raylm.core.errors import RunFailed, UserError
 
 STEPS = 24
 BASE = [f"max_steps={STEPS}", "checkpoint.every=8", "eval.every=12", "logging.every=1", "schedule.total_steps=24"]
@@ -112,8 +112,10 @@ def crashed(dataset_dir, runs_root):
     from raylm.training.checkpoint_store import verify
 
     out = runs_root / "rerun"
-    with pytest.raises(Exception, match="(?i)fail|died|exit"):
+    with pytest.raises(RunFailed, match=rf"^training failed: worker rank 1: .+; fix the cause, then rerun the same command to resume "
+                                        rf"from the newest complete checkpoint; details in {re.escape(str(out))}/error.log$"):
         pretrain(dataset_dir, out, *CRASH)
+    assert "Traceback (most recent call last)" in (out / "error.log").read_text()
     assert sorted(p.name for p in out.glob("checkpoint_step*")) == [f"checkpoint_step{s:08d}" for s in (8, 12, 16)]
     assert all(verify(p) is None for p in out.glob("checkpoint_step*")) and not (out / "model").exists()
     shutil.copytree(out, runs_root / "resized")
@@ -241,8 +243,14 @@ def test_rerunning_the_command_after_a_crash_resumes_exactly(dataset_dir, crashe
     assert max_weight_diff(run, zero2) == 0.0
 
 
-def test_resume_at_a_different_worker_count(dataset_dir, runs_root, crashed, zero2):
-    run = pretrain(dataset_dir, runs_root / "resized", *CRASH, "data.global_batch=8", workers=1)
+def test_resume_at_a_different_worker_count_keeps_the_global_batch(dataset_dir, runs_root, crashed, zero2, capfd):
+    run = pretrain(dataset_dir, runs_root / "resized", *CRASH, workers=1)  # 2 workers x 4 rows per step before
+    said = ["changed on resume: scaling.num_workers 2 -> 1",
+            "the global batch stays the run's 8 sequences: 2 micro-batches of 4 per step on 1 worker (set data.global_batch to change it)",
+            "resuming from step 16 (checkpoint_step00000016, universal: was 2 workers, ZeRO-2)"]
+    assert run_log(run)[1:] == said  # after the line of crashed's death
+    console = capfd.readouterr().out
+    assert all(f"[raylm] {line}" in console for line in said), console[-3000:]
     assert_resumed_at(run, 17)
     assert losses(run)[:16] == losses(zero2)[:16]  # written by the 2-worker attempt
     assert losses(run) == pytest.approx(losses(zero2), rel=1e-5, abs=1e-5)
@@ -283,6 +291,110 @@ def test_broken_and_partial_checkpoints_are_named_and_the_run_resumes_from_a_sou
     assert sorted(p.name for p in run.glob("checkpoint_step*")) == [
         "checkpoint_step00000012.broken", "checkpoint_step00000016", "checkpoint_step00000016.broken",
         "checkpoint_step00000020", "checkpoint_step00000024"]
+
+
+# ---- stopped by a signal ------------------------------------------------------------------------
+
+
+def signalled_pretrain(dataset_dir: Path, out: Path, signum: int, *overrides: str) -> tuple[int, str]:
+    """`raylm pretrain` in its own process, joined to the session's cluster, sent `signum` once 3 steps are logged."""
+    import subprocess
+    import sys
+
+    import ray
+
+    argv = [sys.executable, "-m", "raylm.cli", "pretrain", "--config", "debug", "--data", str(dataset_dir), "--out", str(out),
+            "--num-workers", "2", "--address", ray.get_runtime_context().gcs_address, "max_steps=100000",
+            "checkpoint.every=1000", "eval.every=0", "logging.every=1", *overrides]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+                proc.send_signal(signum)
+                break
+            time.sleep(0.1)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # ours, by pid
+            proc.wait()
+    return proc.returncode, text
+
+
+def test_sigterm_writes_a_checkpoint_at_the_next_step_and_says_how_to_go_on(dataset_dir, runs_root):
+    from raylm.training.checkpoint_store import verify
+
+    run = runs_root / "sigterm"
+    code, text = signalled_pretrain(dataset_dir, run, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    assert "[raylm] SIGTERM: stopping at the next step with a checkpoint (up to 25s; Ctrl-C again to stop at once)" in text
+    said = re.search(r"raylm pretrain: stopped by SIGTERM at step (\d+) with (checkpoint_step\d+); rerun the same command to resume",
+                     text)
+    assert said, text[-3000:]
+    step, folder = int(said.group(1)), run / said.group(2)
+    assert step >= 3 and folder.name == f"checkpoint_step{step:08d}" and verify(folder) is None  # every.. was 1000
+    assert not (run / "model").exists() and not (run / "run.json").exists()  # a stopped run is not a finished one
+    assert "Traceback" not in text
+    pretrain(dataset_dir, run, f"max_steps={step + 2}", "checkpoint.every=1000", "eval.every=0")
+    assert f"resuming from step {step} ({folder.name})" in run_log(run)
+
+
+def test_ctrl_c_stops_at_once_after_the_grace_period_and_names_the_checkpoint(dataset_dir, runs_root):
+    run = runs_root / "ctrl-c"
+    code, text = signalled_pretrain(dataset_dir, run, signal.SIGINT, "checkpoint.every=2", "checkpoint.stop_grace_s=0.001")
+    assert code == 128 + signal.SIGINT, text[-3000:]  # not Ray Train's own Ctrl-C handler, which aborts without a word
+    assert re.search(r"raylm pretrain: stopped by SIGINT at step \d+ as no checkpoint came within checkpoint.stop_grace_s=0.001; "
+                     r"the newest complete checkpoint is checkpoint_step\d+; rerun the same command to resume from it", text), text[-3000:]
+    assert "Traceback" not in text
+
+
+# ---- failures that end the run ------------------------------------------------------------------
+
+
+def test_a_run_dir_that_cannot_be_written_is_refused_before_anything_starts(dataset_dir, capsys):
+    from raylm.cli import main
+
+    assert main(["pretrain", "--config", "debug", "--data", str(dataset_dir), "--out", "/sys/raylm-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"raylm pretrain: error: cannot write the run dir /sys/raylm-run: .+; choose a writable --out", err), err
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs: room for the run's first files, not for a checkpoint (the run dir on a disk that fills up)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("needs permission to mount a tmpfs (a real full disk)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_ends_the_run_in_one_error_line(dataset_dir, full_disk, capfd):
+    from raylm.cli import main
+    from raylm.training.checkpoint_store import verify
+
+    run = full_disk / "run"
+    argv = ["pretrain", "--config", "debug", "--data", str(dataset_dir), "--out", str(run), "--num-workers", "2",
+            "max_steps=10", "checkpoint.every=5", "scaling.max_failures=0", "logging.wandb_mode=disabled"]
+    assert main(argv) == 1
+    console = capfd.readouterr()
+    error = console.err.strip().splitlines()[-1]
+    assert re.fullmatch(r"raylm pretrain: error: training failed: worker rank \d: OSError: \[Errno 28\] No space left on device; "
+                        r"free space on that disk \(or point --out at another\), then rerun the same command to resume; "
+                        r"details in (\S+)", error), error
+    details = Path(error.rsplit(" ", 1)[1])  # a temporary file: the run dir has no room for it
+    assert "No space left on device" in details.read_text()
+    assert re.search(r"\[raylm\] worker rank \d failed \(last logged step 5\): OSError: \[Errno 28\] No space left on device; "
+                     r"no restarts left", console.out)
+    assert "Traceback" not in console.out + console.err
+    half = run / "checkpoint_step00000005"
+    assert verify(half) is not None  # the checkpoint the disk could not hold never looks complete
 
 
 # ---- export ------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
   micro-batches on 1 worker, and 2x2 on 2 workers, end with the same weights;
 - the val loss is the token-weighted loss over the whole val split, at any worker count;
 - a run stopped exactly at an epoch's end and extended goes on with the next epoch, as if it had
-  never stopped.
+  never stopped;
+- a run extended to more steps keeps its learning-rate curve, and says so.
 
 The rows are chat SFT rows (assistant-only masks, so micro-batches hold different numbers of
 target tokens, where averaging micro-batch means would go wrong), fed through `run_training`, the
@@ -102,3 +103,20 @@ def test_a_run_extended_after_an_epochs_end_continues_exactly(sft_rows, debug_mo
     train(sft_rows, out, debug_model_dir, "data.micro_batch=8")  # the same command, up to step 5
     assert [r["loss"] for r in metrics(out)[1:]] == [r["loss"] for r in metrics(reference)[1:]]
     assert max_diff(out, reference) == 0.0
+
+
+def test_a_run_extended_to_more_steps_keeps_its_schedule_and_says_so(sft_rows, debug_model_dir, tmp_path, capfd):
+    from raylm.training.config import load_train_config
+    from raylm.training.schedule import learning_rate
+
+    out, curve = tmp_path / "longer", ["data.micro_batch=8", "schedule.total_steps=0"]  # the curve spans max_steps
+    train(sft_rows, out, debug_model_dir, *curve, "max_steps=3")
+    train(sft_rows, out, debug_model_dir, *curve)  # max_steps=5 (COMMON): two more steps
+    first = load_train_config("debug", [*COMMON, *curve, "max_steps=3", "scaling.num_workers=1"])
+    lrs = [r["lr"] for r in metrics(out)[1:]]
+    # Re-stretched to 5 steps, step 4's rate would jump back up above step 3's.
+    assert lrs == pytest.approx([learning_rate(s, first) for s in range(3)] + [1e-2 * first.schedule.min_lr_ratio] * 2)
+    console = capfd.readouterr().out
+    assert "[raylm] changed on resume: max_steps 3 -> 5\n" in console
+    assert ("[raylm] the learning-rate schedule keeps the run's length of 3 steps; steps after 3 train at its final rate "
+            "(set schedule.total_steps to change it)") in console

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raylm.core.config import to_dict
 from raylm.core.errors import UserError
 from raylm.model.transformer import ModelConfig, Transformer
 from raylm.training.checkpoint import (
@@ -35,6 +36,7 @@ from raylm.training.data_order import (
 from raylm.training.deepspeed_config import build_ds_config
 from raylm.training.losses import loss_for, next_token_loss, target_count
 from raylm.training.measure import Throughput
+from raylm.training.run_settings import keep_run_settings, remember_run_settings
 from raylm.training.schedule import learning_rate
 from raylm.training.tracking import truncate_metrics
 from raylm.training.trainer import TrainState, due
@@ -74,6 +76,53 @@ def test_global_batch_sets_grad_accum_per_worker_count():
     assert global_batch(cfg, 2) == 16
     with pytest.raises(UserError, match="data.global_batch"):
         grad_accum(cfg, 3)
+
+
+def started_run(tmp_path, *overrides: str, world: int = 2):
+    """A run dir as the first command left it: its settings remembered, one checkpoint folder."""
+    cfg = load_train_config("debug", ["max_steps=30", *overrides])
+    remember_run_settings(tmp_path, to_dict(cfg), cfg, world)
+    (tmp_path / "checkpoint_step00000010").mkdir()
+    return tmp_path
+
+
+def test_a_resumed_run_keeps_its_global_batch_and_schedule_and_names_each_change(tmp_path):
+    run = started_run(tmp_path)  # 2 workers x micro-batch 4: global batch 8; the schedule spans 30 steps
+    cfg = load_train_config("debug", ["max_steps=60", "scaling.num_workers=1"])
+    lines = keep_run_settings(cfg, run, world=1)
+    assert lines == [
+        "changed on resume: max_steps 30 -> 60; scaling.num_workers 2 -> 1",
+        "the global batch stays the run's 8 sequences: 2 micro-batches of 4 per step on 1 worker (set data.global_batch to change it)",
+        "the learning-rate schedule keeps the run's length of 30 steps; steps after 30 train at its final rate "
+        "(set schedule.total_steps to change it)",
+    ]
+    assert (global_batch(cfg, 1), grad_accum(cfg, 1), cfg.schedule.total_steps) == (8, 2, 30)
+    assert learning_rate(45, cfg) == pytest.approx(cfg.optimizer.lr * cfg.schedule.min_lr_ratio)
+
+
+def test_what_the_user_sets_on_resume_wins_and_is_remembered(tmp_path):
+    run = started_run(tmp_path)
+    asked = ["max_steps=60", "schedule.total_steps=60", "data.global_batch=4", "scaling.num_workers=1"]
+    cfg = load_train_config("debug", asked)
+    assert keep_run_settings(cfg, run, world=1) == [
+        "changed on resume: data.global_batch 0 -> 4; max_steps 30 -> 60; scaling.num_workers 2 -> 1; schedule.total_steps 0 -> 60"]
+    assert (global_batch(cfg, 1), cfg.schedule.total_steps) == (4, 60)
+    remember_run_settings(run, to_dict(cfg), cfg, 1)
+    same = load_train_config("debug", asked)  # the same command again: nothing changes, nothing is said
+    assert keep_run_settings(same, run, world=1) == [] and global_batch(same, 1) == 4
+
+
+def test_a_global_batch_the_new_workers_cannot_split_names_both_numbers(tmp_path):
+    run = started_run(tmp_path)
+    with pytest.raises(UserError, match=r"global batch of 8 sequences, which 3 workers with data.micro_batch=4 cannot split"):
+        keep_run_settings(load_train_config("debug", ["max_steps=30", "scaling.num_workers=3"]), run, world=3)
+
+
+def test_a_fresh_run_dir_takes_the_command_as_it_is(tmp_path):
+    run = started_run(tmp_path)
+    (run / "checkpoint_step00000010").rmdir()  # the first command died before its first checkpoint
+    cfg = load_train_config("debug", ["max_steps=60", "scaling.num_workers=1"])
+    assert keep_run_settings(cfg, run, world=1) == [] and global_batch(cfg, 1) == 4
 
 
 def test_data_order_is_independent_of_the_batch_size_and_resumable(ray_cluster):

@@ -117,10 +117,15 @@ class CheckpointSection:
     every: int = 500  # save a resumable checkpoint every N optimizer steps (and always at the end); 0 = only at the end
     keep: int = 3  # checkpoints kept in the run dir (the oldest are deleted)
     export_hf: bool = False  # also write a Hugging Face model dir (`model/`) inside every checkpoint
+    # On SIGTERM or Ctrl-C: seconds to wait for the checkpoint at the next step before stopping at once
+    # (keep it under the sender's own grace: Kubernetes' terminationGracePeriodSeconds, 30 by default).
+    stop_grace_s: float = 25.0
 
     def validate(self) -> None:
         if self.every < 0 or self.keep <= 0:
             raise UserError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+        if self.stop_grace_s <= 0:
+            raise UserError(f"checkpoint.stop_grace_s must be positive, got {self.stop_grace_s}")
 
 
 @dataclass

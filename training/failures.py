@@ -11,20 +11,28 @@ lines per death on two workers, many more on a cluster. Instead:
 errors it writes that line (also to RUN_DIR/raylm.log) and every rank's error in full to
 RUN_DIR/worker-failures.log. Two logging filters, on the console handler of Ray Train's own
 `ray.train` logger only, drop what that line replaces: in the controller, the failure decision
-and the shutdown warning; in the workers, a failed collective's traceback (a consequence of the
-peer's death), which goes to worker-failures.log instead. Ray's own log files in its session dir
-keep everything; a worker's error of its own (a bug, a bad input) still prints its traceback.
+and the shutdown warning; in the workers, the training function's traceback (a failed
+collective's, a consequence of the peer's death, is written to worker-failures.log right there).
+Ray's own log files in its session dir keep everything.
+
+When the restarts are spent, `run_failed` makes the command's one `error:` line, the whole error
+going to RUN_DIR/error.log. Either log falls back to a temporary file when the run dir cannot be
+written (a full disk is a failure to report, not a second one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
+import tempfile
+import traceback
 from pathlib import Path
 
 import ray.train
 
+from raylm.core.errors import RunFailed
 from raylm.training.checkpoint_store import checkpoint_folders, records_verdict
 from raylm.training.faults import WORKERS_DIR
 from raylm.training.run_log import say
@@ -37,10 +45,27 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "DistBacke
              "NCCL communicator was aborted", "ProcessGroupGloo", "Broken pipe")
 
 
-def append_details(run_dir: Path, title: str, text: str) -> None:
+def append_log(path: Path, entries: list[tuple[str, str]]) -> Path:
+    """Append (title, text) entries to the log at `path`; where that cannot be written (a full or
+    read-only disk: often the very failure being logged), to a new temporary file. Returns the file."""
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    with open(run_dir / FAILURES_LOG, "a") as f:
-        f.write(f"==== {stamp} {title}\n{text.rstrip()}\n\n")
+    text = "".join(f"==== {stamp} {title}\n{body.rstrip()}\n\n" for title, body in entries)
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+        return path
+    except OSError:
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                path.unlink()
+        fd, name = tempfile.mkstemp(prefix=f"raylm-{path.stem}-", suffix=".log")
+        with open(fd, "w") as f:
+            f.write(text)
+        return Path(name)
+
+
+def append_details(run_dir: Path, title: str, text: str) -> Path:
+    return append_log(run_dir / FAILURES_LOG, [(title, text)])
 
 
 def console_handlers() -> list[logging.Handler]:
@@ -65,8 +90,10 @@ class ControllerNoise(logging.Filter):
         return not (decision or message.startswith("Graceful shutdown of backend failed"))
 
 
-class PeerGone(logging.Filter):
-    """In a worker: the traceback of a collective that failed because a peer died goes to worker-failures.log."""
+class WorkerErrors(logging.Filter):
+    """In a worker: the traceback of its training function's error leaves the console. A collective
+    that failed because a peer died goes to worker-failures.log here (a consequence, not the cause);
+    an error of the worker's own (a bug, a full disk) FailureReporter writes there with every rank's."""
 
     def __init__(self, run_dir: Path, rank: int):
         super().__init__()
@@ -74,15 +101,16 @@ class PeerGone(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not message.startswith("Error in training function") or not any(marker in message for marker in PEER_GONE):
+        if not message.startswith("Error in training function"):
             return True
-        append_details(self.run_dir, f"rank {self.rank}: a collective failed under it (a peer died)", message)
+        if any(marker in message for marker in PEER_GONE):
+            append_details(self.run_dir, f"rank {self.rank}: a collective failed under it (a peer died)", message)
         return False
 
 
-def quiet_peer_failures(run_dir: Path, rank: int) -> None:
-    """Called in each worker: a failed collective's traceback goes to the run dir, not the console."""
-    add_console_filter(PeerGone(run_dir, rank))
+def quiet_worker_errors(run_dir: Path, rank: int) -> None:
+    """Called in each worker: its error's traceback goes to the run dir, not the console."""
+    add_console_filter(WorkerErrors(run_dir, rank))
 
 
 def last_logged_step(run_dir: Path) -> int | None:
@@ -114,6 +142,12 @@ def died(error: Exception) -> bool:
         error, ray.exceptions.RayActorError)
 
 
+def causing_rank(worker_exceptions: dict[int, Exception]) -> int:
+    """The first rank whose error is its own, not a collective that failed under it because another rank went."""
+    own = [rank for rank, error in worker_exceptions.items() if not any(marker in str(error) for marker in PEER_GONE)]
+    return min(own or worker_exceptions)
+
+
 def first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[-1] if text else ''}"[:200]
@@ -140,7 +174,7 @@ class FailureReporter(ray.train.UserCallback):
             who = f"worker rank {dead[0]}" if len(dead) == 1 else f"worker ranks {', '.join(map(str, dead))}"
             what = f"{who} died" + (f" ({', '.join(pids + at)})" if pids + at else "")
         else:
-            rank = min(worker_exceptions)
+            rank = causing_rank(worker_exceptions)
             error = worker_exceptions[rank]
             verb = "lost a peer" if any(marker in str(error) for marker in PEER_GONE) else "failed"
             what = f"worker rank {rank} {verb}" + (f" ({at[0]})" if at else "") + f": {first_line(error)}"
@@ -151,7 +185,31 @@ class FailureReporter(ray.train.UserCallback):
             then = f"restarting from {start} (restart {self.failures} of {limit})"
         else:
             then = f"no restarts left (scaling.max_failures={self.max_failures}): the run stops"
-        line = f"{what}; {then}; details in {run_dir / FAILURES_LOG}"
-        say(run_dir, line)
-        for rank, error in sorted(worker_exceptions.items()):
-            append_details(run_dir, f"rank {rank}", str(error))
+        details = append_log(run_dir / FAILURES_LOG, [(f"rank {rank}", str(error)) for rank, error in sorted(worker_exceptions.items())])
+        say(run_dir, f"{what}; {then}; details in {details}")
+
+
+# ---- the run's end, when it failed ---------------------------------------------------------------
+
+ERROR_LOG = "error.log"
+
+
+def what_to_do(error: BaseException) -> str:
+    """The advice for a failure, by its kind: a full disk and a read-only dir are the user's to fix."""
+    text = str(error)
+    if "No space left on device" in text or "Errno 28" in text:
+        return "free space on that disk (or point --out at another), then rerun the same command to resume"
+    if "Permission denied" in text or "Read-only file system" in text or "Errno 13" in text or "Errno 30" in text:
+        return "make the run dir writable (or point --out at another), then rerun the same command to resume"
+    return "fix the cause, then rerun the same command to resume from the newest complete checkpoint"
+
+
+def run_failed(run_dir: Path, error: BaseException) -> RunFailed:
+    """The one line that ends a failed run; its details (the whole error, with every traceback) go to RUN_DIR/error.log."""
+    log = append_log(run_dir / ERROR_LOG, [("the run failed", "".join(traceback.format_exception(error)))])
+    if isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
+        rank = causing_rank(error.worker_failures)
+        what = f"training failed: worker rank {rank}: {first_line(error.worker_failures[rank])}"
+    else:
+        what = f"training failed: {first_line(error)}"
+    return RunFailed(f"{what}; {what_to_do(error)}; details in {log}")

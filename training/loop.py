@@ -11,6 +11,7 @@ schedule (schedule.py), the losses (losses.py), the model and engine (engine.py)
 from __future__ import annotations
 
 import os
+import warnings
 
 from raylm.training.engine import use_own_torch_extensions_dir
 from raylm.training.trainer import Trainer
@@ -23,6 +24,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed's compiled ops go to this venv's own folder, not one every venv shares (engine.py).
     use_own_torch_extensions_dir()
+    # DeepSpeed's ZeRO calls a torch.distributed function that torch deprecates: two lines per worker
+    # on every run, about code the user does not own.
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.all_gather_into_tensor` is deprecated", category=FutureWarning)
     trainer = Trainer(loop_config)
     trainer.setup()
     trainer.train()

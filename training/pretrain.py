@@ -10,6 +10,8 @@ reach (a local disk on one machine, NFS or similar on a cluster). It ends up hol
     checkpoint_step*/   resumable DeepSpeed checkpoints (training/checkpoint.py), the last `keep`
     model/              the trained model as a Hugging Face Llama-format dir
     metrics.jsonl       one JSON object per logged step
+    run_settings.json   the settings the last command asked for; a rerun keeps the run's global
+                        batch and schedule length (training/run_settings.py) and prints what changed
     raylm.log           resumes, checkpoints found partial or broken, workers that died: one line each
     worker-failures.log every rank's error in full, each time the worker group failed
     run.json            the resolved config, kind, data, summary figures (written last)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +49,8 @@ from raylm.training.config import (
 )
 from raylm.training.data_order import as_columns
 from raylm.training.deepspeed_config import resolve_precision
+from raylm.training.run_log import say
+from raylm.training.run_settings import keep_run_settings, remember_run_settings
 from raylm.training.tracking import METRICS_FILE
 
 RUN_INFO_FILE = "run.json"
@@ -120,8 +125,6 @@ def quiet_console(*datasets) -> None:
 
     Call before the datasets run and before the trainer is built; `datasets` may hold None.
     """
-    import os
-
     from ray.data import DataContext
 
     # Ray Train V2 patches `print` in its workers so that a print goes to stdout *and* to the root
@@ -156,6 +159,7 @@ def run_training(
     `source` is recorded in run.json (e.g. the dataset dir or the base model). Ray must be initialised.
     """
     import ray.data
+    import ray.train
     from ray.train import (
         DataConfig,
         FailureConfig,
@@ -165,8 +169,9 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     from raylm.training.engine import use_own_torch_extensions_dir
-    from raylm.training.failures import FailureReporter
+    from raylm.training.failures import FailureReporter, run_failed
     from raylm.training.loop import train_loop_per_worker
+    from raylm.training.stop_request import StopOnSignal
 
     run_dir = Path(out).expanduser().resolve()
     if init_model_dir:
@@ -180,6 +185,10 @@ def run_training(
     use_gpu = resolve_use_gpu(cfg.scaling.use_gpu)
     resolve_precision(cfg.deepspeed.precision, use_gpu)
     world = cfg.scaling.num_workers
+    check_writable(run_dir)
+    asked = to_dict(cfg)
+    for line in keep_run_settings(cfg, run_dir, world):  # a rerun keeps the run's global batch and schedule
+        say(run_dir, line)
     train_rows = train.count()
     check_rows("the train", train_rows, global_batch(cfg, world), f"a global batch of {world} workers")
     small = train_rows * (cfg.data.seq_len + 1) * 8 <= cfg.data.materialize_max_mb * 2**20
@@ -191,7 +200,8 @@ def run_training(
     if use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
+    remember_run_settings(run_dir, asked, cfg, world)
+    trainer = trainer_keeping_our_ctrl_c(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={
             "config": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
@@ -211,7 +221,14 @@ def run_training(
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     started = time.time()
-    trainer.fit()
+    with StopOnSignal(run_dir, cfg.checkpoint.stop_grace_s) as stop:  # SIGTERM, Ctrl-C: a checkpoint, then stop
+        try:
+            trainer.fit()
+        except KeyboardInterrupt:
+            raise stop.stopped_at_once() from None
+        except ray.train.TrainingFailedError as err:  # restarts spent (each failure said in one line already)
+            raise run_failed(run_dir, err) from None
+    stop.outcome()
     metrics = read_metrics(run_dir)
     summary = summarize(metrics) | {"driver_seconds": round(time.time() - started, 1)}
     write_run_info(run_dir, {
@@ -238,6 +255,30 @@ def run_training(
         metrics=metrics,
         summary=summary,
     )
+
+
+def trainer_keeping_our_ctrl_c(trainer_cls: type) -> type:
+    """`trainer_cls` without Ray Train's own Ctrl-C handler, which `fit()` would install over ours and
+    which aborts the workers without a checkpoint; ours (training/stop_request.py) asks for one at the
+    next step. The hook is Ray-private: tests/test_pretrain.py's Ctrl-C test fails if a Ray upgrade
+    renames it."""
+
+    class Trainer(trainer_cls):
+        def _register_sigint_handler(self, controller) -> None:
+            pass
+
+    return Trainer
+
+
+def check_writable(run_dir: Path) -> None:
+    """A run dir that cannot be written is the user's to fix, said before any worker starts."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write the run dir {run_dir}: {err.strerror or err}; choose a writable --out") from None
 
 
 # ---- the dataset dir -----------------------------------------------------------------------------
@@ -293,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if draft.adapted:
         print(draft.adapted_line())
     manifest, train_paths, val_paths = dataset_splits(args.data)
+    check_writable(Path(args.out).expanduser().resolve())  # before a cluster starts
 
     import ray.data
 
@@ -303,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     # completion thread can raise InterruptedError as the listing task ends: a traceback on the
     # console of a healthy run. The v1 reader reads the same shards (we pass their paths) without it.
     ray.data.DataContext.get_current().use_datasource_v2 = False
+    ray.data.DataContext.get_current().enable_progress_bars = False  # v1 samples the files behind a progress bar
     train = ray.data.read_parquet(train_paths).select_columns(["input_ids"])
     val = ray.data.read_parquet(val_paths).select_columns(["input_ids"]) if val_paths else None
     result = run_training(

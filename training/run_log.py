@@ -17,6 +17,9 @@ def say(run_dir: Path, line: str) -> None:
     """Print `line` as a `[raylm]` console line and append it to the run dir's log."""
     print(f"[raylm] {line}", flush=True)
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / RUN_LOG, "a") as f:
-        f.write(f"{stamp} {line}\n")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / RUN_LOG, "a") as f:
+            f.write(f"{stamp} {line}\n")
+    except OSError:
+        pass  # a full or read-only run dir: the console keeps the line, and the run's own error says why

@@ -37,13 +37,14 @@ from raylm.training.data_order import (
     rank_micro_batches,
 )
 from raylm.training.engine import grad_norm_of, init_engine, set_lr
-from raylm.training.failures import quiet_peer_failures
+from raylm.training.failures import quiet_worker_errors
 from raylm.training.faults import maybe_inject_fault, record_worker
 from raylm.training.losses import loss_for, target_count
 from raylm.training.measure import Throughput, memory_gb, peak_flops
 from raylm.training.resume import ResumePoint, latest_checkpoint
 from raylm.training.run_log import say
 from raylm.training.schedule import learning_rate
+from raylm.training.stop_request import mark_stopped, stop_requested
 from raylm.training.tracking import Tracker, new_wandb_id, perplexity
 
 
@@ -111,6 +112,7 @@ class Trainer:
         self.state = TrainState()
         self.throughput = Throughput()
         self.last_row: dict = {}
+        self.stopped = False  # stopped on a signal's request (training/stop_request.py)
 
     # ---- setup -----------------------------------------------------------------------------------
 
@@ -125,8 +127,8 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         self.accum, self.batch_rows = grad_accum(cfg, self.world), global_batch(cfg, self.world)
         self.zero_stage = cfg.deepspeed.zero_stage
+        quiet_worker_errors(self.run_dir, self.rank)  # first: whatever fails next is one line, not a traceback
         record_worker(self.run_dir, self.rank)
-        quiet_peer_failures(self.run_dir, self.rank)
 
         with latest_checkpoint(self.run_dir, self.rank, self.world, self.zero_stage, self.device) as resume_point:
             checkpoint.seed_everything(cfg.seed + self.rank)
@@ -180,15 +182,18 @@ class Trainer:
                 self.state.next_epoch()
             maybe_inject_fault(self.cfg.faults, self.rank, self.state.step, self.run_dir)
             result = self.train_step(batch)
-            out_of_time = self.stop_vote()
+            out_of_time, asked_to_stop = self.stop_vote()
             is_last = self.state.step == self.cfg.max_steps or out_of_time
+            self.stopped = asked_to_stop and not is_last  # a run at its last step finishes (and exports) instead
             row = self.log_step(result, is_last)
-            if due(self.state.step, self.cfg.checkpoint.every, is_last):
+            if due(self.state.step, self.cfg.checkpoint.every, is_last or self.stopped):
                 metrics = {"step": self.state.step, "loss": result.loss}
                 if "val_loss" in row:
                     metrics["val_loss"] = row["val_loss"]
                 self.save_checkpoint(metrics)
-            if is_last:
+            if self.stopped and self.rank == 0:
+                mark_stopped(self.run_dir, self.state.step)  # the checkpoint is complete: the driver may say so
+            if is_last or self.stopped:
                 return
 
     def train_step(self, batch: dict[str, np.ndarray]) -> StepResult:
@@ -223,10 +228,13 @@ class Trainer:
         loss = all_reduce_sum([loss_sum], self.device)[0] / targets
         return StepResult(lr=lr, loss=loss, grad_norm=float(ds_norm) if ds_norm is not None else own_norm)
 
-    def stop_vote(self) -> bool:
-        """Whether to stop now: only rank 0 reads the clock, and all ranks learn its answer, so they stop at the same step."""
+    def stop_vote(self) -> tuple[bool, bool]:
+        """(out of time, a stop was requested): only rank 0 reads the clock and the run dir, and all
+        ranks learn its answers, so they stop at the same step."""
         out_of_time = self.rank == 0 and self.cfg.max_time_s > 0 and self.elapsed_s() >= self.cfg.max_time_s
-        return all_reduce_sum([float(out_of_time)], self.device)[0] > 0
+        asked = self.rank == 0 and stop_requested(self.run_dir)
+        votes = all_reduce_sum([float(out_of_time), float(asked)], self.device)
+        return votes[0] > 0, votes[1] > 0
 
     def evaluate(self) -> float | None:
         """The mean token loss over the fixed eval set (summed over ranks, then divided); None when there is none."""
@@ -307,7 +315,10 @@ class Trainer:
             save_model_dir(target, weights, self.cfg.model, self.loop_config["tokenizer_dir"], source=source)
 
     def finish(self) -> None:
-        """The model dir of the run, and the tracker closed."""
+        """The model dir of the run (not of one stopped on request: it is not done), and the tracker closed."""
+        if self.stopped:
+            self.tracker.finish()
+            return
         self.export_model(self.run_dir / checkpoint.MODEL_SUBDIR)
         self.tracker.finish()
         if self.rank == 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from raylm.core.errors import UserError
+from raylm.core.errors import RunFailed, RunStopped, UserError
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
@@ -18,3 +18,9 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except RunStopped as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
