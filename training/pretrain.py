@@ -152,11 +152,13 @@ def run_training(
     kind: str = "pretrain",
     source: dict | None = None,
     write_run_report: bool = True,
+    train_rows: int | None = None,
 ) -> TrainResult:
     """Train with Ray Train + DeepSpeed on `train` (rows: input_ids [+ loss_mask], seq_len+1 long).
 
     `init_model_dir` starts from a HF Llama-format model dir's weights; its config replaces cfg.model.
-    `source` is recorded in run.json (e.g. the dataset dir or the base model). Ray must be initialised.
+    `source` is recorded in run.json (e.g. the dataset dir or the base model). `train_rows`, when the
+    caller knows it (a dataset manifest), spares counting the split. Ray must be initialised.
     """
     import ray.data
     import ray.train
@@ -189,7 +191,7 @@ def run_training(
     asked = to_dict(cfg)
     for line in keep_run_settings(cfg, run_dir, world):  # a rerun keeps the run's global batch and schedule
         say(run_dir, line)
-    train_rows = train.count()
+    train_rows = train.count() if train_rows is None else train_rows
     check_rows("the train", train_rows, global_batch(cfg, world), f"a global batch of {world} workers")
     small = train_rows * (cfg.data.seq_len + 1) * 8 <= cfg.data.materialize_max_mb * 2**20
     if small:
@@ -351,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_training(
         cfg, train=train, val=val, tokenizer_dir=str(Path(args.data) / "tokenizer"), out=args.out,
         source={"dataset_dir": str(Path(args.data).resolve()), "manifest_source": manifest.get("source")},
+        train_rows=sum(shard["rows"] for shard in manifest["splits"]["train"]["shards"]),
     )
     print(summary_line(result.summary, result.model_dir))
     return 0
