@@ -335,7 +335,11 @@ def test_sigterm_writes_a_checkpoint_at_the_next_step_and_says_how_to_go_on(data
     step, folder = int(said.group(1)), run / said.group(2)
     assert step >= 3 and folder.name == f"checkpoint_step{step:08d}" and verify(folder) is None  # every.. was 1000
     assert not (run / "model").exists() and not (run / "run.json").exists()  # a stopped run is not a finished one
+    # The console of a pretrain run: no traceback, no line twice (each step once, from rank 0).
     assert "Traceback" not in text
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    assert not {line for line in lines if lines.count(line) > 1}, text[-3000:]
+    assert len(re.findall(r"\[raylm\] step 1/", text)) == 1
     pretrain(dataset_dir, run, f"max_steps={step + 2}", "checkpoint.every=1000", "eval.every=0")
     assert f"resuming from step {step} ({folder.name})" in run_log(run)
 
