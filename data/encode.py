@@ -5,6 +5,9 @@ encode 2.5x faster than whole files). A cut falls only where whitespace follows 
 character: the byte-level pre-tokenizer always breaks a word there and its regex looks only
 ahead, so the chunks' ids joined are exactly the whole document's ids (a test checks this).
 
+With `redact`, personal data and secrets are replaced by typed placeholders first
+(raylm.core.redact), on the workers, and counted per document.
+
 Each kept document's ids end with `<|endoftext|>`, the separator packing relies on; its
 content hash (blake2b-128 of the UTF-8 text) drives exact dedup and the train/val split.
 """
@@ -17,9 +20,11 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from raylm.core.redact import PLACEHOLDERS, redact_text
 from raylm.model.chat import ENDOFTEXT
 
 DEFAULT_CHUNK_CHARS = 4096
+MOSTLY_SECRETS = 0.5  # a document more than half secrets (a key file, a .env dump) is dropped, not redacted
 
 # One tokenizer per worker process, keyed by its JSON, so each task does not parse it again.
 _TOKENIZERS: dict[str, Tokenizer] = {}
@@ -77,11 +82,37 @@ def content_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> pa.Table:
-    """Ray Data UDF: document rows -> {source, skip, error, hash, text_bytes, ids (+ separator)}."""
+def redact_documents(texts: list[str | None], skips: list[str | None]) -> dict[str, list[int]]:
+    """Replace personal data and secrets in `texts` in place (raylm.core.redact); a document that
+    is mostly secrets is skipped (`skips`). Returns the count per placeholder, one entry per document."""
+    counts = {placeholder: [0] * len(texts) for placeholder in PLACEHOLDERS}
+    for i, text in enumerate(texts):
+        if text is None:
+            continue
+        found = redact_text(text)
+        for placeholder, n in found.counts.items():
+            counts[placeholder][i] = n
+        if found.secret_share > MOSTLY_SECRETS:
+            texts[i], skips[i] = None, "mostly_secrets"
+        else:
+            texts[i] = found.text
+    return counts
+
+
+def redaction_column(placeholder: str) -> str:
+    """`<SECRET>` -> `redacted_secret`: the encoded table's count column for that placeholder."""
+    return "redacted_" + placeholder.strip("<>").lower()
+
+
+def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_chars: int = DEFAULT_CHUNK_CHARS,
+                     redact: bool = False) -> pa.Table:
+    """Ray Data UDF: document rows -> {source, skip, error, hash, text_bytes, ids (+ separator),
+    redacted_* counts}. The hash is of the document as read, so the split does not move with redaction."""
     tokenizer = cached_tokenizer(tokenizer_json)
     separator = tokenizer.token_to_id(ENDOFTEXT)
-    texts = batch.column("text").to_pylist()
+    originals = batch.column("text").to_pylist()
+    texts, skips = list(originals), batch.column("skip").to_pylist()
+    counts = redact_documents(texts, skips) if redact else {placeholder: [0] * len(texts) for placeholder in PLACEHOLDERS}
     kept = [i for i, text in enumerate(texts) if text is not None]
     encoded = encode_texts(tokenizer, [texts[i] for i in kept], chunk_chars)
     ids: list[np.ndarray | None] = [None] * len(texts)
@@ -90,16 +121,17 @@ def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_
     for i, doc_ids in zip(kept, encoded):
         doc_ids.append(separator)
         ids[i] = np.asarray(doc_ids, dtype=id_dtype)
-        hashes[i] = content_hash(texts[i])
-        sizes[i] = len(texts[i].encode("utf-8"))
+        hashes[i] = content_hash(originals[i])
+        sizes[i] = len(originals[i].encode("utf-8"))
     value_type = pa.uint16() if id_dtype == "uint16" else pa.uint32()
     return pa.table(
         {
             "source": batch.column("source"),
-            "skip": batch.column("skip"),
+            "skip": pa.array(skips, type=pa.string()),
             "error": batch.column("error"),
             "hash": pa.array(hashes, type=pa.binary(16)),
             "text_bytes": pa.array(sizes, type=pa.int64()),
             "ids": pa.array(ids, type=pa.large_list(value_type)),
+            **{redaction_column(p): pa.array(n, type=pa.int32()) for p, n in counts.items()},
         }
     )

@@ -23,14 +23,17 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow.compute as pc
+
 from raylm import __version__
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.config import from_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 from raylm.core.files import atomic_dir
+from raylm.core.redact import PLACEHOLDERS
 from raylm.data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
-from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents
+from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents, redaction_column
 from raylm.data.pack import ShardWriter
 from raylm.data.sources import Corpus, resolve_source
 from raylm.data.tokenizer import (
@@ -53,6 +56,7 @@ class PrepareConfig:
     val_fraction: float = 0.05  # share of documents (by content hash) that go to the val split
     max_docs: int | None = None  # read only the first N documents in corpus order (a fixed sample)
     dedup: bool = True  # drop exact duplicate documents (the first one in corpus order is kept)
+    redact: bool = True  # replace personal data and secrets with <EMAIL>, <SECRET>, ... (raylm/core/redact.py); drop documents mostly secrets
     max_doc_bytes: int = 4_000_000  # a larger single document is an error (likely a mistake in the source)
     shard_tokens: int = 4_194_304  # about this many tokens per Parquet shard
     chunk_chars: int = DEFAULT_CHUNK_CHARS  # documents are encoded in chunks of about this many characters
@@ -149,6 +153,7 @@ def pack_documents(encoded, writers: dict[str, ShardWriter], cfg: PrepareConfig,
     seen: set[bytes] = set()
     read = 0
     skipped: Counter[str] = Counter()
+    redacted: Counter[str] = Counter()
     with progress_bar(total_bytes) as bar:
         for batch in in_corpus_order(encoded).iter_batches(batch_format="pyarrow", batch_size=None):
             raise_first_error(batch)
@@ -168,7 +173,10 @@ def pack_documents(encoded, writers: dict[str, ShardWriter], cfg: PrepareConfig,
                 split = "val" if int.from_bytes(digest[:8], "big") < val_cut else "train"
                 writers[split].add(values[offsets[i] : offsets[i + 1]])
             bar.update(sum(batch.column("text_bytes").to_pylist()))
-    return {"read": read, "kept": read - sum(skipped.values()), "skipped": dict(sorted(skipped.items()))}
+            for placeholder in PLACEHOLDERS:  # of every document read, kept or not
+                redacted[placeholder] += pc.sum(batch.column(redaction_column(placeholder))).as_py() or 0
+    counts = {"read": read, "kept": read - sum(skipped.values()), "skipped": dict(sorted(skipped.items()))}
+    return counts | ({"redacted": {p: redacted[p] for p in PLACEHOLDERS}} if cfg.redact else {})
 
 
 def check_splits(cfg: PrepareConfig, documents: dict, splits: dict) -> None:
@@ -224,7 +232,7 @@ def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float)
     encoded = documents.map_batches(
         encode_documents,
         batch_format="pyarrow",
-        fn_kwargs={"tokenizer_json": tokenizer.to_str(), "id_dtype": dtype, "chunk_chars": cfg.chunk_chars},
+        fn_kwargs={"tokenizer_json": tokenizer.to_str(), "id_dtype": dtype, "chunk_chars": cfg.chunk_chars, "redact": cfg.redact},
     )
     rows_per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))
     writers = {split: ShardWriter(tmp, split, cfg.seq_len, dtype, rows_per_shard) for split in ("train", "val")}
@@ -258,8 +266,10 @@ def summary(out: str, manifest: dict) -> str:
     tokens = manifest["tokens"]["produced"]
     seconds = manifest["seconds"]
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    redacted = ", ".join(f"{p} {n}" for p, n in docs.get("redacted", {}).items() if n)
     return (
         f"prepared {out}: {docs['read']} documents read, {docs['kept']} kept (skipped: {skipped}); "
+        + (f"redacted: {redacted}; " if "redacted" in docs else "") +
         f"{tokens:,} tokens -> {train['sequences']:,} train + {val['sequences']:,} val rows of {manifest['seq_len'] + 1}; "
         f"{seconds:.1f} s, {tokens / max(seconds, 1e-9):,.0f} tokens/s"
     )

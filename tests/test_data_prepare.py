@@ -16,6 +16,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from raylm.core.errors import UserError
+from raylm.core.redact import PLACEHOLDERS, redact_text
 from raylm.data.dataset_dir import read_dataset_manifest, shard_paths, tokenizer_dir
 from raylm.data.prepare import PrepareConfig, run_prepare
 from raylm.data.sources import hash_order, resolve_source, stdlib_files
@@ -114,12 +115,23 @@ def test_rows_hold_whole_source_documents_and_splits_are_disjoint(stdlib_dataset
     tokenizer = Tokenizer.from_file(f"{tokenizer_dir(stdlib_dataset)}/tokenizer.json")
     separator = manifest["special_tokens"]["endoftext"]
     corpus = stdlib_texts()
+    by_start, by_end = {}, {}  # a redacted document keeps its first or its last characters
+    for text in corpus:
+        by_start.setdefault(text[:20], []).append(text)
+        by_end.setdefault(text[-20:], []).append(text)
+
+    def in_corpus(doc: str) -> bool:
+        if doc in corpus:
+            return True
+        candidates = by_start.get(doc[:20], []) + by_end.get(doc[-20:], [])
+        return any(redact_text(text).text == doc for text in candidates)
+
     docs = {}
     for split in ("train", "val"):
         docs[split] = documents_in(split_rows(stdlib_dataset, split), separator, tokenizer)
         entry = manifest["splits"][split]
-        # Every complete piece between separators is a document of the corpus, decoded exactly.
-        assert docs[split] and all(doc in corpus for doc in docs[split])
+        # Every complete piece between separators is a document of the corpus (redacted), decoded exactly.
+        assert docs[split] and all(in_corpus(doc) for doc in docs[split])
         assert entry["documents"] - entry["tail_tokens_dropped"] <= len(docs[split]) <= entry["documents"]
     assert not set(docs["train"]) & set(docs["val"])
 
@@ -213,13 +225,47 @@ def corpus_dir(tmp_path):
 
 def test_local_directory_of_every_file_kind(stdlib_dataset, corpus_dir, tmp_path):
     manifest = prepare(tmp_path / "out", corpus_dir, stdlib_dataset, text_field="body", seq_len=8)
-    assert manifest["documents"] == {"read": 13, "kept": 10, "skipped": {"duplicate": 1, "empty": 1, "invalid_utf8": 1}}
+    assert manifest["documents"] == {"read": 13, "kept": 10, "skipped": {"duplicate": 1, "empty": 1, "invalid_utf8": 1},
+                                     "redacted": dict.fromkeys(PLACEHOLDERS, 0)}
     tokenizer = Tokenizer.from_file(f"{tokenizer_dir(tmp_path / 'out')}/tokenizer.json")
     docs = documents_in(split_rows(tmp_path / "out", "train"), 0, tokenizer)
     assert {"jsonl record 1", "json array record 1", "parquet row 0", "A document in a subdirectory, ünïcödé 🤖.\n"} <= set(docs)
 
     no_dedup = prepare(tmp_path / "no-dedup", corpus_dir, stdlib_dataset, text_field="body", seq_len=8, dedup=False)
     assert no_dedup["documents"]["kept"] == 11
+
+
+PLANTED = {  # what must not reach the shards -> the placeholder that takes its place
+    "jane.doe@acme-corp.com": "<EMAIL>", "+44 20 7946 0958": "<PHONE>", "93.184.216.34": "<IP_ADDRESS>",
+    "2a00:1450:4001:81b::200e": "<IP_ADDRESS>", "4539 1488 0343 6467": "<CREDIT_CARD>", "AKIAIOSFODNN7EXAMPLE": "<SECRET>",
+    "ghp_abcdefghijklmnopqrstuvwxyz0123456789": "<SECRET>", "AIzaSyA1234567890abcdefghijklmnopqrstuv": "<SECRET>",
+    "xoxb-123456789012-abcdefghij": "<SECRET>", "Xk9#mQ2$vL8pZ": "<SECRET>",
+}
+CLEAN = ["Write to user@example.com; the server listens on 127.0.0.1 and 192.0.2.10.",  # documentation's examples
+         "Order 1234567890123456 shipped in version 3.11.7 at 12:30:45; a[::2] takes every other item."]
+
+
+def test_personal_data_and_secrets_are_gone_from_the_shards(stdlib_dataset, tmp_path):
+    key_file = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAx8\nq9Zk3\n-----END RSA PRIVATE KEY-----\n"
+    planted = [f"Note {i}: the value {value} was found in a log line." for i, value in enumerate(PLANTED) if value != "Xk9#mQ2$vL8pZ"]
+    planted.append('settings.py holds password = "Xk9#mQ2$vL8pZ" in plain text, which it should not.')
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*planted, key_file, *CLEAN, "the last one"]))
+
+    manifest = prepare(tmp_path / "out", source, stdlib_dataset, seq_len=8)
+    counts = manifest["documents"]
+    assert counts["skipped"] == {"mostly_secrets": 1} and counts["kept"] == len(planted) + len(CLEAN) + 1
+    assert counts["redacted"] == {"<SECRET>": 6, "<EMAIL>": 1, "<IP_ADDRESS>": 2, "<CREDIT_CARD>": 1, "<PHONE>": 1}
+    tokenizer = Tokenizer.from_file(f"{tokenizer_dir(tmp_path / 'out')}/tokenizer.json")
+    text = "\n".join(documents_in(split_rows(tmp_path / "out", "train"), 0, tokenizer))
+    for value, placeholder in PLANTED.items():
+        assert value not in text
+    assert all(placeholder in text for placeholder in set(PLANTED.values()))
+    assert "PRIVATE KEY" not in text and "MIIEowIBAAKCAQEAx8" not in text
+    assert all(clean in text for clean in CLEAN)  # documents with nothing to hide arrive unchanged
+
+    kept = prepare(tmp_path / "as-is", source, stdlib_dataset, seq_len=8, redact=False)
+    assert "redacted" not in kept["documents"] and kept["documents"]["kept"] == len(planted) + len(CLEAN) + 2
 
 
 def test_glob_and_file_uri_sources(stdlib_dataset, corpus_dir, tmp_path):

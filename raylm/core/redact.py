@@ -1,0 +1,159 @@
+"""Personal data and secrets in a text, replaced by typed placeholders: `redact_text`.
+
+Any stage may call it on a text: `raylm prepare` on every document (on the Ray Data workers), and
+later a store of the prompts an endpoint collected. What it replaces, and what it leaves:
+
+- `<SECRET>`: private-key blocks (PEM/OpenSSH, BEGIN to END); cloud keys and API tokens found by
+  detect-secrets' maintained patterns (AWS, Azure storage, GitHub, GitLab, Slack, Stripe,
+  OpenAI, PyPI, npm, SendGrid, Discord, Telegram, Twilio, Mailchimp, Square, passwords in URLs),
+  Google API keys (`AIza...`), JSON Web Tokens, and a value of 8 characters or more assigned to a name like
+  `password`, `secret`, `token` or `api_key` (detect-secrets' keyword rule, read as Python).
+- `<EMAIL>`: e-mail addresses, except at the domains reserved for examples (example.com/.org/.net,
+  *.example, *.test, *.invalid, localhost): documentation, not a person (RFC 2606).
+- `<IP_ADDRESS>`: IPv4 and IPv6 addresses, except loopback, unspecified, link-local, multicast,
+  reserved (255.255.255.255) and the ranges reserved for documentation (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32): `127.0.0.1`
+  in the standard library's docs is an example, not a host.
+- `<CREDIT_CARD>`: 13-19 digit card numbers (spaces or dashes allowed) of a known brand prefix
+  that pass the Luhn check; other long numbers stay.
+- `<PHONE>`: numbers written as phone numbers: `+` and a country code, or the North American
+  `(555) 123-4567` / `555-123-4567` shapes, with separators; bare digit runs stay (they are ids,
+  counts and constants far more often than phone numbers).
+
+`redact_text` returns a `Redaction`: the text, the count per placeholder, and how much of the
+text was secrets (prepare drops a document that is mostly secrets).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+PLACEHOLDERS = ("<SECRET>", "<EMAIL>", "<IP_ADDRESS>", "<CREDIT_CARD>", "<PHONE>")
+
+PRIVATE_KEY = re.compile(r"-----BEGIN[A-Z ]*PRIVATE KEY( BLOCK)?-----.*?-----END[A-Z ]*PRIVATE KEY( BLOCK)?-----", re.DOTALL)
+GOOGLE_API_KEY = re.compile(r"\bAIza[0-9A-Za-z_\-]{35}\b")
+JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}")  # header.payload.signature
+# detect-secrets' regex plugins whose patterns name a token format (its keyword-only and
+# high-entropy plugins flag too much ordinary code and prose to redact on sight).
+TOKEN_PLUGINS = ("AWSKeyDetector", "AzureStorageKeyDetector", "GitHubTokenDetector", "GitLabTokenDetector", "SlackDetector",
+                 "StripeDetector", "OpenAIDetector", "PypiTokenDetector", "NpmDetector",
+                 "SendGridDetector", "DiscordBotTokenDetector", "TelegramBotTokenDetector", "TwilioKeyDetector",
+                 "MailchimpDetector", "SquareOAuthDetector", "BasicAuthDetector")
+# A line detect-secrets' keyword rule can flag assigns to a secret-like name; only those lines go to it.
+KEYWORD_HINT = re.compile(r"(pass|pwd|secret|token|key|auth|credential)\w*[\"']?\s*(=|:|==|!=)", re.IGNORECASE)
+MIN_KEYWORD_SECRET = 8  # shorter values after `password =` are placeholders and examples far more often
+
+EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})\b")
+EXAMPLE_DOMAINS = re.compile(r"(^|\.)(example\.(com|org|net)|example|test|invalid|localhost)$", re.IGNORECASE)
+IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\w|\.\d)")
+IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+DOCUMENTATION_NETS = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")]
+CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
+CARD_PREFIX = re.compile(r"^(4|5[1-5]|2[2-7]|3[47]|6011|65|35)")
+PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){2,4}"
+                   r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?![\w-])")
+
+
+@functools.cache
+def token_patterns() -> list[re.Pattern]:
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+
+    plugins = {cls.__name__: cls for cls in get_mapping_from_secret_type_to_class().values()}
+    return [pattern for name in TOKEN_PLUGINS for pattern in plugins[name]().denylist]
+
+
+@functools.cache
+def keyword_detector():
+    from detect_secrets.plugins.keyword import KeywordDetector
+
+    return KeywordDetector()
+
+
+def entropy(value: str) -> float:
+    """Shannon entropy in bits per character."""
+    counts = Counter(value)
+    return -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
+
+
+def keyword_secrets(text: str) -> set[str]:
+    """Values assigned to secret-like names, by detect-secrets' keyword rule, on the lines that could hold one."""
+    found = set()
+    for line in text.splitlines():
+        if len(line) > 500 or not KEYWORD_HINT.search(line):
+            continue
+        for secret in keyword_detector().analyze_line(filename="text.py", line=line, line_number=0):
+            value = secret.secret_value or ""
+            if len(value) >= MIN_KEYWORD_SECRET and entropy(value) >= 2.5:
+                found.add(value)
+    return found
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def is_card(match: str) -> bool:
+    digits = re.sub(r"[ -]", "", match)
+    return 13 <= len(digits) <= 19 and bool(CARD_PREFIX.match(digits)) and luhn_ok(digits)
+
+
+def is_personal_ip(candidate: str) -> bool:
+    """An address that names a real host: not loopback, unspecified, or reserved for documentation."""
+    try:
+        address = ipaddress.ip_address(candidate)
+    except ValueError:
+        return False
+    if address.version == 6 and sum(1 for part in candidate.split(":") if part) < 3:
+        return False  # `::1`-like and slice-like text (`a[::2]`) are not hosts worth hiding
+    not_a_host = address.is_loopback or address.is_unspecified or address.is_multicast or address.is_reserved or address.is_link_local
+    return not (not_a_host or any(address in net for net in DOCUMENTATION_NETS))
+
+
+@dataclass
+class Redaction:
+    text: str  # the text with placeholders
+    counts: Counter = field(default_factory=Counter)  # placeholder -> how many replaced
+    secret_chars: int = 0  # characters of the original that were secrets
+
+    @property
+    def secret_share(self) -> float:
+        """The share of the original text that was secrets (prepare drops a document that is mostly secrets)."""
+        original = len(self.text) - self.counts["<SECRET>"] * len("<SECRET>") + self.secret_chars
+        return self.secret_chars / original if original else 0.0
+
+
+def substitute(found: Redaction, pattern: re.Pattern, placeholder: str, keep: Callable[[re.Match], bool] | None = None) -> None:
+    def replace(match: re.Match) -> str:
+        if keep is not None and keep(match):
+            return match.group(0)
+        found.counts[placeholder] += 1
+        if placeholder == "<SECRET>":
+            found.secret_chars += len(match.group(0))
+        return placeholder
+
+    found.text = pattern.sub(replace, found.text)
+
+
+def redact_text(text: str) -> Redaction:
+    """`text` with personal data and secrets replaced by placeholders, and how many of each."""
+    found = Redaction(text)
+    substitute(found, PRIVATE_KEY, "<SECRET>")
+    for pattern in (*token_patterns(), GOOGLE_API_KEY, JWT):
+        substitute(found, pattern, "<SECRET>")
+    for value in sorted(keyword_secrets(found.text), key=len, reverse=True):
+        substitute(found, re.compile(re.escape(value)), "<SECRET>")
+    substitute(found, EMAIL, "<EMAIL>", keep=lambda m: bool(EXAMPLE_DOMAINS.search(m.group(1))))
+    substitute(found, CARD, "<CREDIT_CARD>", keep=lambda m: not is_card(m.group(0)))
+    substitute(found, IPV4, "<IP_ADDRESS>", keep=lambda m: not is_personal_ip(m.group(0)))
+    substitute(found, IPV6, "<IP_ADDRESS>", keep=lambda m: not is_personal_ip(m.group(0)))
+    substitute(found, PHONE, "<PHONE>")
+    return found
