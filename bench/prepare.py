@@ -3,9 +3,10 @@
     python bench/prepare.py [--seq-len 256] [--vocab-size 8192]
 
 In one run, on the same documents with the same tokenizer:
-  pipeline  the whole `raylm prepare` (list, read, clean, dedup, encode, pack, write Parquet,
-            manifest) on a running Ray cluster, reusing the tokenizer so that all three do the
-            same work; tokens/s = tokens produced / wall seconds of the run;
+  pipeline  the whole `raylm prepare` (list, read, clean, redact, dedup, encode, pack, write
+            Parquet, manifest) on a running Ray cluster, reusing the tokenizer so that all three do
+            the same work; tokens/s = tokens produced / wall seconds of the run; and the same run
+            with `redact=False`, the cost of redaction as a ratio (target <= 1.3x, issue 15);
   (a) raw   `Tokenizer.encode_batch` on ~4 KB chunks of the documents already in memory, in this
             one process (its Rust threads use every core): the practical limit of these cores;
   (b) hf    `datasets.Dataset.map(batched=True, num_proc=2)` as Hugging Face's run_clm recipe
@@ -107,6 +108,10 @@ def main() -> int:
         start = time.perf_counter()
         manifest = run_prepare(PrepareConfig(source="stdlib", out=str(tmp / "timed"), seq_len=args.seq_len, tokenizer=str(tokenizer_dir)))
         pipeline_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        run_prepare(PrepareConfig(source="stdlib", out=str(tmp / "unredacted"), seq_len=args.seq_len, tokenizer=str(tokenizer_dir),
+                                  redact=False))
+        unredacted_seconds = time.perf_counter() - start
         pipeline_tokens = manifest["tokens"]["produced"]
         pipeline = pipeline_tokens / pipeline_seconds
 
@@ -124,6 +129,9 @@ def main() -> int:
     print(f"pipeline  raylm prepare (tokenizer reused)      {pipeline:>12,.0f} tokens/s  ({pipeline_tokens:,} tokens in {pipeline_seconds:.1f} s)")
     print(f"(a) raw   encode_batch on 4 KB chunks, 1 proc   {raw:>12,.0f} tokens/s  ({raw_tokens:,} tokens in {raw_seconds:.1f} s)")
     print(f"(b) hf    datasets.map(batched, num_proc=2)     {hf:>12,.0f} tokens/s  ({hf_tokens:,} tokens in {hf_seconds:.1f} s)")
+    redacted = ", ".join(f"{p} {n}" for p, n in manifest["documents"]["redacted"].items())
+    print(f"cleaning  redaction on {pipeline_seconds:.1f} s vs off {unredacted_seconds:.1f} s: "
+          f"{pipeline_seconds / unredacted_seconds:.2f}x (target <= 1.3x); redacted {redacted}")
     print(f"ratios: pipeline / (a) = {pipeline / raw:.2f}x (target >= 0.8x); pipeline / (b) = {pipeline / hf:.2f}x (target >= 1.3x)")
     return 0
 
