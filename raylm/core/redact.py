@@ -36,19 +36,20 @@ from typing import Callable
 PLACEHOLDERS = ("<SECRET>", "<EMAIL>", "<IP_ADDRESS>", "<CREDIT_CARD>", "<PHONE>")
 
 PRIVATE_KEY = re.compile(r"-----BEGIN[A-Z ]*PRIVATE KEY( BLOCK)?-----.*?-----END[A-Z ]*PRIVATE KEY( BLOCK)?-----", re.DOTALL)
-GOOGLE_API_KEY = re.compile(r"\bAIza[0-9A-Za-z_\-]{35}\b")
-JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}")  # header.payload.signature
+# Patterns that open with a literal are searched for at C speed; the word boundaries they need
+# before that literal are checked on each match instead (`starts_a_word`).
+GOOGLE_API_KEY = re.compile(r"AIza[0-9A-Za-z_\-]{35}(?![0-9A-Za-z_\-])")
+JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}")  # header.payload.signature
 # detect-secrets' regex plugins whose patterns name a token format (its keyword-only and
 # high-entropy plugins flag too much ordinary code and prose to redact on sight).
 TOKEN_PLUGINS = ("AWSKeyDetector", "AzureStorageKeyDetector", "GitHubTokenDetector", "GitLabTokenDetector", "SlackDetector",
                  "StripeDetector", "OpenAIDetector", "PypiTokenDetector", "NpmDetector",
                  "SendGridDetector", "DiscordBotTokenDetector", "TelegramBotTokenDetector", "TwilioKeyDetector",
                  "MailchimpDetector", "SquareOAuthDetector", "BasicAuthDetector")
-# A line detect-secrets' keyword rule can flag assigns to a secret-like name; only those lines go to it.
-KEYWORD_HINT = re.compile(r"(pass|pwd|secret|token|key|auth|credential)\w*[\"']?\s*(=|:|==|!=)", re.IGNORECASE)
 MIN_KEYWORD_SECRET = 8  # shorter values after `password =` are placeholders and examples far more often
 
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})\b")
+EMAIL_DOMAIN = re.compile(r"@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})\b")  # the local part is found backwards
+EMAIL_LOCAL = re.compile(r"[A-Za-z0-9._%+-]{1,64}$")
 EXAMPLE_DOMAINS = re.compile(r"(^|\.)(example\.(com|org|net)|example|test|invalid|localhost)$", re.IGNORECASE)
 IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\w|\.\d)")
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
@@ -74,17 +75,37 @@ def keyword_detector():
     return KeywordDetector()
 
 
+@functools.cache
+def keyword_hint() -> re.Pattern:
+    """A line detect-secrets' keyword rule can flag assigns to one of its secret-like names; only those lines go to it."""
+    from detect_secrets.plugins.keyword import DENYLIST
+
+    return re.compile(rf"({'|'.join(DENYLIST)})\w*[\"']?\s*(=|:|==|!=)")  # on lowered text: case-sensitive is faster
+
+
 def entropy(value: str) -> float:
     """Shannon entropy in bits per character."""
     counts = Counter(value)
     return -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
 
 
+def keyword_lines(text: str) -> list[str]:
+    """The lines of `text` that assign to one of the keyword rule's names, found in one
+    case-sensitive pass over the lowered text (lowering keeps the line breaks where they are)."""
+    lowered, lines, line, searched = text.lower(), text.split("\n"), 0, 0
+    chosen: dict[int, str] = {}
+    for match in keyword_hint().finditer(lowered):
+        line += lowered.count("\n", searched, match.start())
+        searched = match.start()
+        chosen[line] = lines[line]
+    return list(chosen.values())
+
+
 def keyword_secrets(text: str) -> set[str]:
     """Values assigned to secret-like names, by detect-secrets' keyword rule, on the lines that could hold one."""
     found = set()
-    for line in text.splitlines():
-        if len(line) > 500 or not KEYWORD_HINT.search(line):
+    for line in keyword_lines(text):
+        if len(line) > 500:
             continue
         for secret in keyword_detector().analyze_line(filename="text.py", line=line, line_number=0):
             value = secret.secret_value or ""
@@ -143,15 +164,34 @@ def substitute(found: Redaction, pattern: re.Pattern, placeholder: str, keep: Ca
     found.text = pattern.sub(replace, found.text)
 
 
+def redact_emails(found: Redaction) -> None:
+    """E-mail addresses, searched from their `@` (a literal: fast) and widened back over the local part."""
+    text, pieces, last = found.text, [], 0
+    for match in EMAIL_DOMAIN.finditer(text):
+        local = EMAIL_LOCAL.search(text, max(last, match.start() - 64), match.start())
+        if local is None or local.start() < last or EXAMPLE_DOMAINS.search(match.group(1)):
+            continue
+        pieces += [text[last : local.start()], "<EMAIL>"]
+        last = match.end()
+        found.counts["<EMAIL>"] += 1
+    found.text = "".join(pieces) + text[last:] if pieces else text
+
+
+def starts_a_word(match: re.Match) -> bool:
+    return match.start() == 0 or not (match.string[match.start() - 1].isalnum() or match.string[match.start() - 1] in "_-")
+
+
 def redact_text(text: str) -> Redaction:
     """`text` with personal data and secrets replaced by placeholders, and how many of each."""
     found = Redaction(text)
     substitute(found, PRIVATE_KEY, "<SECRET>")
-    for pattern in (*token_patterns(), GOOGLE_API_KEY, JWT):
+    for pattern in token_patterns():
         substitute(found, pattern, "<SECRET>")
+    for pattern in (GOOGLE_API_KEY, JWT):
+        substitute(found, pattern, "<SECRET>", keep=lambda m: not starts_a_word(m))
     for value in sorted(keyword_secrets(found.text), key=len, reverse=True):
         substitute(found, re.compile(re.escape(value)), "<SECRET>")
-    substitute(found, EMAIL, "<EMAIL>", keep=lambda m: bool(EXAMPLE_DOMAINS.search(m.group(1))))
+    redact_emails(found)
     substitute(found, CARD, "<CREDIT_CARD>", keep=lambda m: not is_card(m.group(0)))
     substitute(found, IPV4, "<IP_ADDRESS>", keep=lambda m: not is_personal_ip(m.group(0)))
     substitute(found, IPV6, "<IP_ADDRESS>", keep=lambda m: not is_personal_ip(m.group(0)))
