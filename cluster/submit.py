@@ -32,6 +32,8 @@ NOT_SUBMITTABLE = {"submit", "jobs"}
 POLL_SECONDS = 1.0
 SERVE_START_TIMEOUT_S = 600.0
 SERVE_STOP_WAIT_S = 60
+# Longer than checkpoint.stop_grace_s (25 s): a stopped training job writes its checkpoint first.
+TRAIN_STOP_WAIT_S = 40
 AGENT_WAIT_S = 60.0  # how long a freshly started head may take to accept jobs
 
 
@@ -49,9 +51,11 @@ def build_entrypoint(stage: str, stage_args: list[str]) -> str:
 
 
 def stage_env(stage: str) -> dict[str, str]:
-    """Env vars a stage needs as a job: `raylm jobs stop` gives a server time to shut Serve down
-    (Ray's job supervisor SIGKILLs 3 s after SIGTERM by default, which would leave the app up)."""
-    return {"RAY_JOB_STOP_WAIT_TIME_S": str(SERVE_STOP_WAIT_S)} if stage == "serve" else {}
+    """Env vars a stage needs as a job: `raylm jobs stop` gives a server time to shut Serve down, and
+    a training run time to checkpoint at its next step (Ray's job supervisor SIGKILLs 3 s after
+    SIGTERM by default, which would leave the app up and the steps since the last checkpoint lost)."""
+    wait = {"serve": SERVE_STOP_WAIT_S, "pretrain": TRAIN_STOP_WAIT_S, "finetune": TRAIN_STOP_WAIT_S, "demo": SERVE_STOP_WAIT_S}
+    return {"RAY_JOB_STOP_WAIT_TIME_S": str(wait[stage])} if stage in wait else {}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

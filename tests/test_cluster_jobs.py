@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -190,7 +191,7 @@ def test_no_wait_then_status_logs_and_stop(head, tmp_path, capsys):
     assert "no job 'raylm-no-such-job'" in capsys.readouterr().err
 
 
-def test_prepare_then_pretrain_as_jobs_both_succeed(head, tmp_path, capsys):
+def test_prepare_then_pretrain_as_jobs_both_succeed_and_a_stopped_training_job_checkpoints(head, tmp_path, capsys):
     dataset, run = tmp_path / "ds", tmp_path / "run"
     submit = ["submit", "--address", head.url, "--"]
     prepare = ["prepare", "--source", "stdlib", "--max-docs", "80", "--val-fraction", "0.2", "--vocab-size", "512", "--seq-len", "32", "--out", str(dataset)]
@@ -204,6 +205,24 @@ def test_prepare_then_pretrain_as_jobs_both_succeed(head, tmp_path, capsys):
     assert "SUCCEEDED" in capsys.readouterr().out
     assert (run / "model" / "config.json").is_file()
     assert (run / "model" / "model.safetensors").is_file()
+
+    # `raylm jobs stop` on a training job: SIGTERM, and the time to write a checkpoint at the next step.
+    long_run, job_id = tmp_path / "long", f"raylm-test-train-stop-{os.getpid()}"
+    long = ["pretrain", "--config", "debug", "--data", str(dataset), "--out", str(long_run), "--max-steps", "100000",
+            "--num-workers", "2", "checkpoint.every=1000", "eval.every=0"]
+    assert raylm(["submit", "--address", head.url, "--no-wait", "--job-id", job_id, "--", *long]) == 0
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (long_run / "metrics.jsonl").is_file():
+        time.sleep(0.5)
+    assert raylm(["jobs", "--address", head.url, "stop", job_id]) == 0
+    capsys.readouterr()
+    assert raylm(["jobs", "--address", head.url, "logs", job_id]) == 0
+    logs = capsys.readouterr().out
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) with (checkpoint_step\d+); rerun the same command to resume", logs)
+    assert stopped, logs[-3000:]
+    from raylm.training.checkpoint_store import verify
+
+    assert verify(long_run / stopped.group(2)) is None
 
 
 def test_serve_job_detaches_once_serving_and_stop_takes_the_endpoint_down(head, debug_model_dir, capsys):
