@@ -5,13 +5,20 @@ detokenization and stop strings. Its parts alone: tests/test_inference_*.py."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 import torch
 
 from raylm.inference.detokenize import TextStream
-from raylm.inference.engine import Engine, EngineConfig, EngineLoop, InvalidRequest
+from raylm.inference.engine import (
+    Engine,
+    EngineConfig,
+    EngineFailed,
+    EngineLoop,
+    InvalidRequest,
+)
 from raylm.inference.sampling import (
     SamplingParams,
     apply_penalties,
@@ -87,7 +94,8 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(engine):
     engine.step()
     # An id past the vocabulary (encode_prompt would refuse it) makes the next forward raise.
     bad = engine.submit([engine.model_config.vocab_size + 5], greedy(5), outputs["bad"].append)
-    engine.step()
+    with pytest.raises(IndexError):  # raised again after failing every request: the caller decides
+        engine.step()
     assert (good.finish_reason, bad.finish_reason) == ("error", "error")
     assert outputs["good"][-1].finish_reason == outputs["bad"][-1].finish_reason == "error"
     assert engine.counters.requests_failed == failed_before + 2
@@ -121,8 +129,62 @@ def test_engine_loop_streams_requests_and_cancels_one_left_early(engine):
     assert engine.counters.requests_cancelled == cancelled_before + 1
 
 
+def test_engine_loop_fails_every_request_at_once_and_stops_when_a_step_raises(engine, monkeypatch):
+    """A fault inside a step (here the model runner's decode, as an out-of-memory error would be)
+    ends the running streams and the queued request with an `error` output within a second; the
+    loop's thread ends (the replica's health check then fails) and later requests are refused."""
+    ids = engine.encode_prompt(PROMPTS[0])
+    fail = threading.Event()
+    decode = engine.runner.decode
+
+    def faulty_decode(seqs):
+        if fail.is_set():
+            raise RuntimeError("injected fault: out of memory")
+        return decode(seqs)
+
+    monkeypatch.setattr(engine.runner, "decode", faulty_decode)
+    free_before, failed_before = len(engine.free_slots), engine.counters.requests_failed
+    loop = EngineLoop(engine)
+
+    async def run() -> tuple[list, float]:
+        async def consume(max_tokens: int) -> list:
+            return [out async for batch in loop.stream(ids, greedy(max_tokens, ignore_eos=True)) for out in batch]
+
+        streams = [asyncio.create_task(consume(200)) for _ in range(3)]
+        while engine.counters.generated_tokens == 0 or len(engine.free_slots) > free_before - 3:
+            await asyncio.sleep(0.01)  # all three are decoding
+        queued = asyncio.create_task(consume(200))
+        await asyncio.sleep(0)
+        fail.set()
+        failed_at = time.monotonic()
+        outputs = await asyncio.wait_for(asyncio.gather(*streams, queued), timeout=5)
+        return outputs, time.monotonic() - failed_at
+
+    try:
+        outputs, took = asyncio.run(run())
+        assert took < 1.0, f"requests ended {took:.2f}s after the fault"
+        assert [out[-1].finish_reason for out in outputs] == ["error"] * 4
+        deadline = time.monotonic() + 1
+        while loop.alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not loop.alive() and isinstance(loop.failure, RuntimeError)
+        with pytest.raises(EngineFailed, match="injected fault"):
+            asyncio.run(anext(loop.stream(ids, greedy(4))))
+        assert engine.counters.requests_failed == failed_before + 4
+        assert len(engine.free_slots) == free_before and not engine.has_work()
+    finally:
+        loop.stop()
+
+
 def test_prompt_plus_max_tokens_beyond_context_is_refused_by_name(engine):
     ids = engine.encode_prompt(PROMPTS[0])
+    with pytest.raises(InvalidRequest, match="the prompt is 300 tokens, but the model's context is 256") as err:
+        engine.check_request(ids[:1] * 300, greedy(1), "messages")
+    assert err.value.param == "messages"
+    for param, bad in (("stop_token_ids", greedy(4, stop_token_ids=[10**6])), ("logit_bias", greedy(4, logit_bias={-1: 1.0}))):
+        with pytest.raises(InvalidRequest, match="outside the vocabulary") as err:
+            engine.check_request(ids, bad)
+        assert err.value.param == param
     with pytest.raises(InvalidRequest, match="context of 256 tokens") as err:
         engine.submit(ids, greedy(256), lambda out: None)
     assert err.value.param == "max_tokens"
@@ -201,3 +263,6 @@ def test_penalties_and_filters():
     assert torch.isinf(filter_top_k_top_p(logits, 0, 0.5)).tolist() == [False, True, True, True]
     draws = {choose_token(logits, {}, SamplingParams(temperature=1.0, top_k=2), new_generator(s)).token for s in range(50)}
     assert draws == {0, 1}
+    biased = SamplingParams(temperature=0.0, logit_bias={3: 100.0}, logprobs=0)
+    choice = choose_token(logits, {}, biased, new_generator(0))
+    assert choice.token == 3 and choice.logprob == pytest.approx(float(logits.log_softmax(-1)[3]))  # logprobs stay the model's

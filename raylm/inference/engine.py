@@ -150,9 +150,21 @@ class Engine:
             raise InvalidRequest(str(err), "messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, prompt_param: str = "prompt") -> None:
+        """Refuse what the engine cannot run, naming the field (`prompt_param`: where the prompt came from)."""
         if not prompt_ids:
-            raise InvalidRequest("prompt is empty: it must hold at least one token", "prompt")
+            raise InvalidRequest(f"{prompt_param}: the prompt is empty; it must hold at least one token", prompt_param)
+        if len(prompt_ids) >= self.max_len:
+            raise InvalidRequest(
+                f"{prompt_param}: the prompt is {len(prompt_ids)} tokens, but the model's context is {self.max_len} "
+                "tokens and must also hold at least one generated token; shorten it",
+                prompt_param,
+            )
+        vocab = self.model_config.vocab_size
+        for param, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
         if len(prompt_ids) + params.max_tokens > self.max_len:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
@@ -184,23 +196,45 @@ class Engine:
     # ---- the step -----------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One round of continuous batching: schedule, forward, sample and stream, retire."""
+        """One round of continuous batching: schedule, forward, sample and stream, retire.
+
+        A step that raises (out of memory, a bad kernel, a bug anywhere in it) first ends every
+        request the engine holds with an `error` output, so no consumer waits for a step that will
+        not come, then raises again: what it left behind (a CUDA context, the KV cache, a half-fed
+        text stream) cannot be trusted, and the caller decides whether to go on (EngineLoop stops,
+        and its replica is replaced).
+        """
+        try:
+            self.run_step()
+        except Exception:
+            self.fail_all()
+            raise
+
+    def run_step(self) -> None:
         scheduled = self.scheduler.schedule()
         self.counters.requests_cancelled += len(scheduled.cancelled)
-        try:
-            if scheduled.prefill:
-                self.prefill(scheduled.prefill)
-            if scheduled.decode:
-                self.decode(scheduled.decode)
-        except Exception:
-            running = self.scheduler.running
-            log.exception("engine step failed; failing its %d sequences", len(running))
-            for seq in running:
-                seq.finish_reason = seq.finish_reason or ERROR
-            self.counters.requests_failed += sum(1 for s in running if s.finish_reason == ERROR)
+        if scheduled.prefill:
+            self.prefill(scheduled.prefill)
+        if scheduled.decode:
+            self.decode(scheduled.decode)
         self.emit(self.scheduler.running)
         finished = self.scheduler.retire_finished()
-        self.counters.requests_finished += sum(1 for s in finished if s.finish_reason != ERROR)
+        self.counters.requests_finished += len(finished)
+
+    def fail_all(self) -> None:
+        """End every running and waiting request with an `error` output; their slots are free again.
+
+        The output is built here, not by output processing, which may be what failed.
+        """
+        seqs = self.scheduler.remove_all()
+        self.counters.requests_failed += len(seqs)
+        for seq in seqs:
+            seq.finish_reason = ERROR
+            output = Output("", [], [], ERROR, len(seq.prompt_ids), len(seq.output_ids))
+            try:
+                seq.on_output(output)
+            except Exception:  # a consumer that is gone must not keep the others from hearing
+                log.exception("telling request %d that it failed did not work", seq.id)
 
     def prefill(self, seqs: list[Sequence]) -> None:
         self.output.sample(seqs, self.runner.prefill(seqs))
@@ -273,27 +307,43 @@ class Engine:
         }
 
 
+class EngineFailed(Exception):
+    """The engine loop stopped after a failed step; this engine takes no more requests."""
+
+
 class EngineLoop:
     """Runs an Engine's steps in a background thread; asyncio code streams requests through it.
 
     torch releases the GIL inside its kernels, so the event loop (HTTP, SSE) keeps running while a
-    step computes.
+    step computes. The first exception in the thread ends it: every request is answered with an
+    `error` output, later ones are refused (EngineFailed), and `alive()` turns False, which the
+    Serve replica reports as unhealthy so that Serve replaces it.
     """
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.wakeup = threading.Event()
         self.stopping = False
+        self.failure: Exception | None = None
+        # Held while a request is queued and while the loop fails its requests, so every request is
+        # either failed by the loop or refused by `stream`, never left waiting for a dead thread.
+        self.submit_lock = threading.Lock()
         self.thread = threading.Thread(target=self.run, name="raylm-engine", daemon=True)
         self.thread.start()
 
     def run(self) -> None:
-        while not self.stopping:
-            if not self.engine.has_work():
-                self.wakeup.wait(timeout=0.5)
-                self.wakeup.clear()
-                continue
-            self.engine.step()
+        try:
+            while not self.stopping:
+                if not self.engine.has_work():
+                    self.wakeup.wait(timeout=0.5)
+                    self.wakeup.clear()
+                    continue
+                self.engine.step()
+        except Exception as err:  # a failed step (see Engine.step) or a bug between steps
+            log.exception("the engine failed: every request in it failed, and it takes no more (the replica reports unhealthy)")
+            with self.submit_lock:
+                self.failure = err
+                self.engine.fail_all()
 
     def alive(self) -> bool:
         return self.thread.is_alive()
@@ -302,6 +352,14 @@ class EngineLoop:
         self.stopping = True
         self.wakeup.set()
         self.thread.join(timeout=10)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[Output], None]) -> Sequence:
+        with self.submit_lock:
+            if self.failure is not None:
+                raise EngineFailed(f"the engine stopped after a failed step ({type(self.failure).__name__}: {self.failure})")
+            seq = self.engine.submit(prompt_ids, params, on_output)
+        self.wakeup.set()
+        return seq
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, min_interval_s: float = 0.0) -> AsyncIterator[list[Output]]:
         """Yield the request's outputs as they come, several at once when the consumer falls behind.
@@ -313,8 +371,7 @@ class EngineLoop:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
-        seq = self.engine.submit(prompt_ids, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
-        self.wakeup.set()
+        seq = self.submit(prompt_ids, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
         try:
             while True:
                 batch = [await queue.get()]

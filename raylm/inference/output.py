@@ -14,7 +14,13 @@ from raylm.inference.sequence import LENGTH, STOP, Output, Sequence
 
 
 def is_plain_greedy(params: SamplingParams) -> bool:
-    return params.temperature == 0.0 and params.logprobs is None and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+    return (
+        params.temperature == 0.0
+        and params.logprobs is None
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and not params.logit_bias
+    )
 
 
 class OutputProcessor:

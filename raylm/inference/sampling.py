@@ -1,6 +1,6 @@
 """Choosing the next token of one sequence from the model's logits.
 
-Order, as in OpenAI's and vLLM's samplers: presence/frequency penalties on the raw logits, then
+Order, as in OpenAI's and vLLM's samplers: logit bias and presence/frequency penalties on the raw logits, then
 temperature (0 = greedy argmax), then top-k, then top-p (nucleus), then a draw from the request's
 own seeded generator, so a seeded request gives the same tokens whatever it is batched with.
 Logprobs are reported from the model's raw distribution (log-softmax of the logits before any
@@ -24,6 +24,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # strings that end the output (not included in it)
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end the output
     ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens (benchmarks)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
     logprobs: int | None = None  # report the chosen token's logprob and this many alternatives
@@ -43,6 +44,14 @@ def new_generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    if not bias:
+        return logits
+    logits = logits.clone()
+    logits[torch.tensor(list(bias), dtype=torch.long)] += torch.tensor(list(bias.values()), dtype=logits.dtype)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, counts: dict[int, int], params: SamplingParams) -> torch.Tensor:
@@ -72,7 +81,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 def choose_token(logits: torch.Tensor, counts: dict[int, int], params: SamplingParams, generator: torch.Generator) -> TokenChoice:
     """The next token from one row of fp32 logits [vocab] on the CPU."""
-    processed = apply_penalties(logits, counts, params)
+    processed = apply_penalties(apply_logit_bias(logits, params.logit_bias), counts, params)
     if params.temperature == 0.0:
         token = int(torch.argmax(processed))
     else:

@@ -84,6 +84,15 @@ class Scheduler:
         self.retire(finished)
         return finished
 
+    def remove_all(self) -> list[Sequence]:
+        """Take every waiting and running sequence out (a failed engine ends them all); slots free again."""
+        with self.lock:
+            waiting = list(self.waiting)
+            self.waiting.clear()
+        running = list(self.running)
+        self.retire(running)
+        return running + waiting
+
     def retire(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             if seq.slot >= 0:
