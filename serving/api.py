@@ -7,9 +7,12 @@
     GET  /stats                   the engine's counters as JSON
     GET  /metrics                 the same counters in Prometheus' text format
 
-With an API key set, every route but /health needs `Authorization: Bearer <key>` (401 otherwise).
-Request bodies over `max_body_bytes` get 413. Errors use OpenAI's JSON error shape. `build_api`
-makes the app for one replica; Serve wraps it (serving/app.py).
+With an API key set, every route but /health needs `Authorization: Bearer <key>` (401 otherwise):
+one dependency of the whole app checks it, so a route added later is guarded too. Request bodies
+over `max_body_bytes` get 413, every field has a bound (serving/protocol.py), and a failed engine
+ends its requests with a 500 (an `error` event on a stream) and refuses new ones with 503 until
+Serve replaces the replica. Errors use OpenAI's JSON error shape. `build_api` makes the app for one
+replica; Serve wraps it (serving/app.py).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from raylm.inference.engine import EngineLoop, InvalidRequest, Output
+from raylm.inference.engine import EngineFailed, EngineLoop, InvalidRequest, Output
 from raylm.serving.protocol import (
     ApiError,
     ChatRequest,
@@ -39,6 +42,8 @@ from raylm.serving.protocol import (
     usage,
     usage_chunk,
 )
+
+OPEN_PATHS = frozenset({"/health"})  # the routes that need no key: probes have none
 
 
 @dataclass
@@ -56,6 +61,26 @@ def check_api_key(request: Request, api_key: str | None) -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
         raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", None, "authentication_error", "invalid_api_key")
+
+
+def api_key_guard(api_key: str | None):
+    """The dependency of the whole app: every route but OPEN_PATHS needs the key."""
+
+    async def require_api_key(request: Request) -> None:
+        route = request.scope.get("route")  # the matched route: its path is free of Serve's route prefix
+        if getattr(route, "path", None) not in OPEN_PATHS:
+            check_api_key(request, api_key)
+
+    return require_api_key
+
+
+def engine_failed(err: EngineFailed) -> ApiError:
+    return ApiError(503, f"{err}; Ray Serve is replacing this replica, retry shortly", None, "server_error", "engine_failed")
+
+
+def generation_failed() -> ApiError:
+    message = "generation failed inside the engine; this replica takes no more requests and Ray Serve replaces it, retry shortly"
+    return ApiError(500, message, None, "server_error", "engine_failed")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -80,7 +105,7 @@ def prometheus_text(stats: dict) -> str:
 
 def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
     engine = loop.engine
-    app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(api_key_guard(settings.api_key))])
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -90,7 +115,6 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
         return engine.tokenizer.decode([token], skip_special_tokens=False)
 
     async def parse(request: Request, cls):
-        check_api_key(request, settings.api_key)
         req = parse_request(cls, await read_body(request, settings.max_body_bytes))
         if req.model != settings.model_name:
             raise ApiError(404, f"model {req.model!r} does not exist; this server serves {settings.model_name!r}", "model", code="model_not_found")
@@ -99,7 +123,7 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
     def checked(prompt_ids: list[int], req, max_tokens: int):
         params = sampling_params(req, max_tokens)
         try:
-            engine.check_request(prompt_ids, params)
+            engine.check_request(prompt_ids, params, "prompt" if isinstance(req, CompletionRequest) else "messages")
         except InvalidRequest as err:
             raise ApiError(400, str(err), err.param) from None
         return params
@@ -113,14 +137,17 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(rid, name, prompt_ids, params, chat, include_usage), media_type="text/event-stream")
         texts, choices, last = [], [], None
-        async with aclosing(loop.stream(prompt_ids, params)) as outputs:
-            async for batch in outputs:
-                for out in batch:
-                    texts.append(out.text)
-                    choices += out.logprobs
-                    last = out
+        try:
+            async with aclosing(loop.stream(prompt_ids, params)) as outputs:
+                async for batch in outputs:
+                    for out in batch:
+                        texts.append(out.text)
+                        choices += out.logprobs
+                        last = out
+        except EngineFailed as err:
+            raise engine_failed(err) from None
         if last is None or last.finish_reason == "error":
-            raise ApiError(500, "generation failed inside the engine; see the replica's log", None, "server_error")
+            raise generation_failed()
         logprobs = format_logprobs(choices, decode_token) if params.logprobs is not None else None
         return body(rid, name, "".join(texts), last.finish_reason, logprobs, usage(last.prompt_tokens, last.completion_tokens), chunk=False)
 
@@ -130,22 +157,25 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
         if chat:
             yield sse(chat_body(rid, name, "", None, None, None, chunk=True, first=True))
         last: Output | None = None
-        async with aclosing(loop.stream(prompt_ids, params, settings.stream_interval_s)) as outputs:
-            async for batch in outputs:
-                events = []
-                for out in batch:
-                    last = out
-                    if out.finish_reason == "error":
-                        events.append(sse(ApiError(500, "generation failed inside the engine", None, "server_error").body()))
-                        continue
-                    logprobs = None
-                    if params.logprobs is not None and out.logprobs:
-                        logprobs = (chat_logprobs if chat else completion_logprobs)(out.logprobs, decode_token)
-                    if out.text or out.finish_reason or logprobs:
-                        make = chat_body if chat else completion_body
-                        events.append(sse(make(rid, name, out.text, out.finish_reason, logprobs, None, chunk=True)))
-                if events:
-                    yield "".join(events)
+        try:
+            async with aclosing(loop.stream(prompt_ids, params, settings.stream_interval_s)) as outputs:
+                async for batch in outputs:
+                    events = []
+                    for out in batch:
+                        last = out
+                        if out.finish_reason == "error":
+                            events.append(sse(generation_failed().body()))
+                            continue
+                        logprobs = None
+                        if params.logprobs is not None and out.logprobs:
+                            logprobs = (chat_logprobs if chat else completion_logprobs)(out.logprobs, decode_token)
+                        if out.text or out.finish_reason or logprobs:
+                            make = chat_body if chat else completion_body
+                            events.append(sse(make(rid, name, out.text, out.finish_reason, logprobs, None, chunk=True)))
+                    if events:
+                        yield "".join(events)
+        except EngineFailed as err:  # the headers (200) are out: the refusal goes as an event
+            yield sse(engine_failed(err).body())
         if include_usage and last is not None:
             yield sse(usage_chunk(rid, name, chat, usage(last.prompt_tokens, last.completion_tokens)))
         yield sse("[DONE]")
@@ -157,8 +187,7 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        check_api_key(request, settings.api_key)
+    async def models():
         card = {"id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "raylm", "max_model_len": engine.max_len}
         return {"object": "list", "data": [card]}
 
@@ -185,13 +214,11 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
         return await respond(req, prompt_ids, checked(prompt_ids, req, max_tokens), chat=True)
 
     @app.get("/stats")
-    async def stats(request: Request):
-        check_api_key(request, settings.api_key)
+    async def stats():
         return engine.stats()
 
     @app.get("/metrics")
-    async def metrics(request: Request):
-        check_api_key(request, settings.api_key)
+    async def metrics():
         return PlainTextResponse(prometheus_text(engine.stats()), media_type="text/plain; version=0.0.4")
 
     return app

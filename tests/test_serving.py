@@ -210,6 +210,26 @@ BAD_REQUESTS = [
     ("bad role", "chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, None, 400, "messages[0].role", "role"),
     ("missing key", "completions", completion(), {}, 401, None, "API key"),
     ("wrong key", "completions", completion(), {"Authorization": "Bearer nope"}, 401, None, "API key"),
+    # Every field has a bound (issue 14): a 400 naming it, never a 500 nor silent acceptance.
+    ("seed beyond int64", "completions", completion(seed=2**70), None, 400, "seed", "less than or equal to 9223372036854775807"),
+    ("seed below int64", "completions", completion(seed=-(2**70)), None, 400, "seed", "greater than or equal to"),
+    ("100,000 stop_token_ids", "completions", completion(stop_token_ids=list(range(100_000))), None, 400, "stop_token_ids", "at most 64 items"),
+    ("stop token outside vocab", "completions", completion(stop_token_ids=[10**6]), None, 400, "stop_token_ids", "outside the vocabulary"),
+    ("200 KB stop string", "completions", completion(stop="x" * 200_000), None, 400, "stop", "at most 256 characters"),
+    ("17 stop strings", "completions", completion(stop=["a"] * 17), None, 400, "stop", "at most 16 items"),
+    ("empty stop string", "chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, None, 400, "stop", "at least 1 character"),
+    ("301 logit_bias", "completions", completion(logit_bias={str(i): 1 for i in range(301)}), None, 400, "logit_bias", "at most 300 items"),
+    ("logit_bias above 100", "completions", completion(logit_bias={"5": 101}), None, 400, "logit_bias.5", "less than or equal to 100"),
+    ("logit_bias not a token id", "completions", completion(logit_bias={"the": 1}), None, 400, "logit_bias.the", "valid integer"),
+    ("logit_bias outside vocab", "completions", completion(logit_bias={"1000000": 1}), None, 400, "logit_bias", "outside the vocabulary"),
+    ("n 2", "completions", completion(n=2), None, 400, "n", "should be 1"),
+    ("max_tokens 10**12", "completions", completion(max_tokens=10**12), None, 400, "max_tokens", "context of 2048"),
+    ("top_k 2**40", "completions", completion(top_k=2**40), None, 400, "top_k", "less than or equal to"),
+    ("long user", "completions", completion(user="u" * 300), None, 400, "user", "at most 256 characters"),
+    ("prompt beyond context", "completions", completion(prompt="def add(a, b): " * 2000), None, 400, "prompt", "context is 2048 tokens"),
+    ("chat beyond context", "chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "def add(a, b): " * 2000}]}, None, 400, "messages", "context is 2048 tokens"),
+    ("json 50,000 deep", "completions", b'{"model": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", None, 400, None, "nested more than 32 levels"),
+    ("json 40 deep", "completions", b'{"model": "served", "prompt": "hi", "user": ' + b"[" * 40 + b"]" * 40 + b"}", None, 400, None, "nested more than 32 levels"),
 ]
 
 
@@ -224,6 +244,36 @@ def test_bad_requests_get_4xx_naming_the_field(server, case):
     assert error["param"] == param and words in error["message"]
     assert not param or error["message"].startswith(param) or param in error["message"]
     assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
+
+
+def test_every_route_but_health_needs_the_key_and_a_new_route_does_too(server, engine):
+    """The routes are read off the app the replica builds (build_api), then each is called over HTTP
+    on the real endpoint without a key; a route added to such an app is guarded as it stands."""
+    from fastapi.routing import APIRoute
+    from fastapi.testclient import TestClient
+
+    from raylm.inference.engine import EngineLoop
+    from raylm.serving.api import OPEN_PATHS, ApiSettings, build_api
+
+    loop = EngineLoop(engine)
+    try:
+        app = build_api(loop, ApiSettings(model_name=MODEL, api_key=API_KEY, max_body_bytes=1 << 20))
+        routes = [(method, route.path) for route in app.routes if isinstance(route, APIRoute) for method in route.methods]
+        assert {path for _, path in routes} >= {"/v1/models", "/v1/completions", "/v1/chat/completions", "/stats", "/metrics", "/health"}
+        for method, path in routes:
+            response = httpx.request(method, f"{server[0]}{path}", json=completion(), timeout=30)
+            expected = 200 if path in OPEN_PATHS else 401
+            assert response.status_code == expected, f"{method} {path} without a key: {response.status_code}"
+
+        @app.get("/v1/added-later")
+        async def added_later():
+            return {"secret": True}
+
+        local = TestClient(app)
+        assert local.get("/v1/added-later").status_code == 401
+        assert local.get("/v1/added-later", headers={"Authorization": f"Bearer {API_KEY}"}).json() == {"secret": True}
+    finally:
+        loop.stop()
 
 
 def test_openai_client_sees_auth_and_validation_errors(server):
@@ -254,6 +304,65 @@ def deploy_side_app(server, name: str, options: dict) -> str:
     app = configured_app({"model": str(server[1]), "model_name": MODEL, "max_batch_size": 8}, options)
     serve.run(app, name=name, route_prefix=f"/{name}")
     return f"http://127.0.0.1:{server[2]}/{name}"
+
+
+def fresh_replica_answers(url: str) -> bool:
+    try:
+        response = httpx.get(f"{url}/stats", timeout=5)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and response.json()["requests_failed"] == 0
+
+
+def test_a_failing_engine_step_ends_its_requests_at_once_and_serve_replaces_the_replica(server):
+    """A fault inside a step of a real replica's engine: the stream in flight gets an `error` event and
+    the request in flight a JSON 500 within about a second, the replica then fails its health check,
+    and Serve replaces it. The fault is injected through a deployment handle into a subclass of the
+    real replica class defined here (so it ships by value), because it must happen inside the replica."""
+    import json
+
+    from ray import serve
+
+    from raylm.serving.app import LLMServer, parse_app_args
+
+    class FaultyLLMServer(LLMServer.func_or_class):
+        def inject_step_fault(self) -> None:
+            def failing_decode(seqs):
+                raise RuntimeError("injected fault: a decode step failed")
+
+            self.loop.engine.runner.decode = failing_decode
+
+    deployment = LLMServer.options(
+        func_or_class=FaultyLLMServer, num_replicas=1, health_check_period_s=1, health_check_timeout_s=10,
+        ray_actor_options={"num_cpus": 0.25},
+    )
+    serve.run(deployment.bind(parse_app_args({"model": str(server[1]), "model_name": MODEL})), name="faulty", route_prefix="/faulty")
+    url = f"http://127.0.0.1:{server[2]}/faulty"
+    body = {"model": MODEL, "prompt": "def", "max_tokens": 2000, "temperature": 0}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    try:
+        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120) as http:
+            plain = pool.submit(lambda: client.completions.create(**body, extra_body={"ignore_eos": True}))
+            with http.stream("POST", f"{url}/v1/completions", json={**body, "stream": True, "ignore_eos": True}) as response:
+                events = (line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: "))
+                assert "choices" in json.loads(next(events))
+                wait_until(lambda: stats(url)["requests_running"] == 2, 60, "both requests to be decoding", every_s=0.1)
+                serve.get_app_handle("faulty").inject_step_fault.remote().result()
+                injected = time.monotonic()
+                error = next(json.loads(e) for e in events if "error" in e)
+                stream_took = time.monotonic() - injected
+                assert list(events) == ["[DONE]"]
+            with pytest.raises(openai.InternalServerError) as failed:
+                plain.result(timeout=60)
+            plain_took = time.monotonic() - injected
+        assert error["error"]["code"] == "engine_failed" and "replaces it" in error["error"]["message"]
+        assert failed.value.status_code == 500 and failed.value.body["code"] == "engine_failed"
+        assert stream_took < 1.5 and plain_took < 1.5, (stream_took, plain_took)
+        # The health check fails; Serve starts a fresh replica, which serves (and has failed nothing).
+        wait_until(lambda: fresh_replica_answers(url), 120, "a replacement replica", every_s=1)
+        assert client.completions.create(**{**body, "max_tokens": 4}).choices[0].finish_reason == "length"
+    finally:
+        serve.delete("faulty")
 
 
 def test_overload_gets_429_with_retry_after(server):
