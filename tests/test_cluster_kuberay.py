@@ -132,6 +132,20 @@ def serve_config_of(service: dict) -> dict:
     return yaml.safe_load(service["spec"]["serveConfigV2"])
 
 
+def cluster_spec_of(manifest: dict) -> dict:
+    spec = manifest["spec"]
+    return {"RayCluster": spec, "RayService": spec.get("rayClusterConfig"), "RayJob": spec.get("rayClusterSpec")}[manifest["kind"]]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda path: path.name)
+def test_every_cluster_uses_rays_token_auth_with_one_secret(path):
+    manifest = load_manifest(path)
+    assert cluster_spec_of(manifest).get("authOptions") == {"mode": "token", "secretName": "raylm-auth"}, (
+        f"{path.name}: the cluster must turn on Ray's token auth (authOptions) with the raylm-auth Secret"
+    )
+    assert "kubectl create secret generic raylm-auth" in path.read_text(), f"{path.name}: say how to create the Secret"
+
+
 def test_serve_config_validates_with_no_unknown_keys():
     from ray.serve.schema import ServeDeploySchema
 
