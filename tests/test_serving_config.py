@@ -149,3 +149,14 @@ def test_bad_serve_config_is_named(tmp_path):
     path = write_config(tmp_path, lambda c: c["applications"][0]["deployments"][0].update(max_ongoing_requests="lots"))
     with pytest.raises(UserError, match="max_ongoing_requests"):
         read_serve_config(path)
+
+
+def test_an_exposed_address_without_a_key_needs_the_loud_opt_out(debug_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    with pytest.raises(UserError, match="refusing to serve on 10.1.2.3 without an API key.*--insecure-no-api-key"):
+        plan_command(["--model", str(debug_model_dir), "--host", "10.1.2.3"])
+    plan, _ = plan_command(["--model", str(debug_model_dir), "--host", "10.1.2.3", "--insecure-no-api-key"])
+    assert plan.http["host"] == "10.1.2.3" and "WITHOUT an API key" in capsys.readouterr().err
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        plan_command(["--model", str(debug_model_dir), "--host", host])  # loopback needs no key
+    assert plan_command(["--model", str(debug_model_dir), "--host", "0.0.0.0", "--api-key", "k"])[0].http["host"] == "0.0.0.0"
