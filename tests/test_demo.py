@@ -75,3 +75,10 @@ def test_demo_refuses_a_port_in_use(tmp_path, capsys):
         assert raylm_main(["demo", "--quick", "--out", str(tmp_path / "d"), "--port", str(port)]) == 2
     assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_refuses_an_open_endpoint_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    assert raylm_main(["demo", "--quick", "--out", str(tmp_path / "d"), "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "refusing to serve on 0.0.0.0 without an API key" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before the first stage
