@@ -266,12 +266,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    check_disk(out)
-    check_port_free(args.host, args.port)
     from raylm.serving.serve import check_exposure
 
-    # The endpoint's rule (a key beyond loopback), checked now rather than after both trainings.
+    # The endpoint's rule (a key beyond loopback), checked now rather than after both trainings,
+    # and before the port check binds the host.
     check_exposure(args.host, os.environ.get("RAYLM_API_KEY"), insecure_no_api_key=False)
+    check_disk(out)
+    check_port_free(args.host, args.port)
     out.mkdir(parents=True, exist_ok=True)
     demo = DemoRun(out=out, recipe=QUICK if args.quick else FULL, num_workers=args.num_workers)
 

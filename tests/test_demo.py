@@ -79,6 +79,7 @@ def test_demo_refuses_a_port_in_use(tmp_path, capsys):
 
 def test_demo_refuses_an_open_endpoint_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RAYLM_API_KEY", raising=False)
-    assert raylm_main(["demo", "--quick", "--out", str(tmp_path / "d"), "--host", "0.0.0.0", "--port", "0"]) == 2
-    assert "refusing to serve on 0.0.0.0 without an API key" in capsys.readouterr().err
+    # A documentation address (RFC 5737): beyond loopback, and refused before anything binds it.
+    assert raylm_main(["demo", "--quick", "--out", str(tmp_path / "d"), "--host", "192.0.2.1", "--port", "8000"]) == 2
+    assert "refusing to serve on 192.0.2.1 without an API key" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()  # refused before the first stage

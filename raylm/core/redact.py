@@ -12,7 +12,7 @@ later a store of the prompts an endpoint collected. What it replaces, and what i
   *.example, *.test, *.invalid, localhost): documentation, not a person (RFC 2606).
 - `<IP_ADDRESS>`: IPv4 and IPv6 addresses reachable on the internet (`is_global`), outside the
   ranges reserved for documentation (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32).
-  Private (10.0.0.0/8, 192.168.0.0/16, ...), loopback, link-local and reserved addresses name no
+  Private (10/8, 192.168/16, ...), loopback, link-local and reserved addresses name no
   one's host: `127.0.0.1` and `192.168.1.1` in the standard library's docs are examples.
 - `<CREDIT_CARD>`: card numbers as they are written (one digit run, or groups of four split by
   spaces or dashes) whose brand prefix and length agree (Visa, Mastercard, Amex, Discover, JCB)
