@@ -27,6 +27,12 @@
 5. SFT real-token share: tokens of conversations / tokens processed, for the embedded chat set
    encoded with a real tokenizer (the one `raylm prepare` trained) at sft-tiny's seq_len, packed
    and one conversation per row. Target >= 0.9 packed.
+6. Ingest (`--ingest`, or alone with `--ingest-only`): one epoch of the train split at 2 workers,
+   the `tiny` global batch. raylm's data order, each rank reading its own row groups: rows read by
+   all ranks per row trained, and each rank's seconds of reading and shuffling. Beside it the
+   previous design, in which every worker streamed the whole split through Ray Data
+   (`read_parquet`, order preserved) and kept its slice of each global batch, timed the same way.
+   Target: 1.0 rows read per row trained (the previous design: one per worker).
 
 Counting memory reads DeepSpeed internals (the ZeRO optimizers' partitioned gradient buffers and
 fp32 partitions), so it lives here and not in the library.
@@ -397,6 +403,57 @@ def print_one_worker(r: dict) -> None:
           f"ratio {r['raylm_first_step_s'] / r['hf_first_step_s']:.2f}x  (target <= 15 s)")
 
 
+# ---- 6. ingest: what each worker reads -----------------------------------------------------------
+
+
+def ingest(dataset_dir: Path, world: int = 2) -> dict:
+    """One epoch's reading at `world` workers: raylm's data order against every worker reading the whole split."""
+    import ray.data
+
+    from raylm.data.dataset_dir import shard_paths
+    from raylm.training.config import global_batch, load_train_config
+    from raylm.training.data_order import epoch_batches
+    from raylm.training.row_source import ParquetRows
+
+    cfg = load_train_config("tiny")
+    batch = global_batch(cfg, world)
+    paths = shard_paths(dataset_dir, "train")
+    source = ParquetRows(paths)
+    steps = source.num_rows // batch
+    ours = {"rows_read": 0, "seconds": []}
+    for rank in range(world):
+        readers: list = []
+        start = time.perf_counter()
+        batches = epoch_batches(source, cfg.data.shuffle_window, cfg.data.shuffle_seed, batch, 0, 0, rank, world, readers)
+        for _ in range(steps):
+            next(batches)
+        ours["seconds"].append(time.perf_counter() - start)
+        ours["rows_read"] += sum(r.rows_read for r in readers)
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    before = {"rows_read": 0, "seconds": []}
+    for _ in range(world):  # each worker streamed every row, in file order, and shuffled windows of them
+        start = time.perf_counter()
+        dataset = ray.data.read_parquet(paths).select_columns(["input_ids"])
+        dataset.context.execution_options.preserve_order = True
+        for part in dataset.iter_batches(batch_size=cfg.data.shuffle_window, batch_format="numpy"):
+            rows = np.stack(list(part["input_ids"]))
+            rows = rows[np.random.default_rng(0).permutation(len(rows))]
+            before["rows_read"] += len(rows)
+        before["seconds"].append(time.perf_counter() - start)
+    trained = steps * batch
+    return {"world": world, "rows": source.num_rows, "rows_trained": trained,
+            "ours_read_per_trained": ours["rows_read"] / trained, "before_read_per_trained": before["rows_read"] / trained,
+            "ours_seconds": ours["seconds"], "before_seconds": before["seconds"]}
+
+
+def print_ingest(r: dict) -> None:
+    print(f"ingest      {r['world']} workers, one epoch ({r['rows_trained']:,} of {r['rows']:,} rows trained)")
+    print(f"            rows read per row trained: previous {r['before_read_per_trained']:.2f}, "
+          f"raylm {r['ours_read_per_trained']:.3f}  (target 1.0)")
+    print(f"            reading + shuffling per worker: previous {max(r['before_seconds']):.2f} s, "
+          f"raylm {max(r['ours_seconds']):.2f} s   ratio {max(r['ours_seconds']) / max(r['before_seconds']):.2f}x")
+
+
 # ---- 5. SFT real-token share ----------------------------------------------------------------------
 
 
@@ -445,6 +502,8 @@ def main() -> int:
     parser.add_argument("--peer", action="store_true", help="also run part 4 (1 worker vs HF Trainer) and 5 (SFT token share)")
     parser.add_argument("--peer-only", action="store_true", help="run only parts 4 and 5")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of part 4 (both sides)")
+    parser.add_argument("--ingest", action="store_true", help="also run part 6 (what each worker reads)")
+    parser.add_argument("--ingest-only", action="store_true", help="run only part 6")
     args = parser.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="raylm-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -463,6 +522,12 @@ def main() -> int:
     from raylm.training.config import global_batch, load_train_config
 
     init_ray()  # as `raylm pretrain` does: join RAY_ADDRESS or start a local cluster
+    if args.ingest_only:
+        result = ingest(ensure_dataset(args.data, work, args.max_docs))
+        print("\n================ bench/train.py (part 6) ================")
+        print_ingest(result)
+        (work / "bench-train-ingest.json").write_text(json.dumps(result, indent=2))
+        return 0
     if args.memory_only:
         print_memory(memory_by_stage(load_train_config("tiny", ["data.micro_batch=2"]), work))
         print_export_memory(export_memory(work))
@@ -496,6 +561,7 @@ def main() -> int:
         print(f"\n== 4. one worker vs Hugging Face Trainer, {args.threads} threads ==", flush=True)
         one = one_worker_vs_hf(dataset_dir, work, args.threads)
         share = sft_token_share(one["one_worker_model_dir"], work)
+    read = ingest(dataset_dir) if args.ingest else None
     val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
     (s0, v0), (s1, v1) = val[0], val[-1]
 
@@ -510,7 +576,9 @@ def main() -> int:
     if one:
         print_one_worker(one)
         print_sft_share(share)
-    summary = {"export_memory": export, "one_worker": one, "sft_share": share, "bare_tokens_per_s": bare, "bare_after_tokens_per_s": bare_after, "raylm_tokens_per_s": ours, "ratio": ours / bare, "memory": mem,
+    if read:
+        print_ingest(read)
+    summary = {"ingest": read, "export_memory": export, "one_worker": one, "sft_share": share, "bare_tokens_per_s": bare, "bare_after_tokens_per_s": bare_after, "raylm_tokens_per_s": ours, "ratio": ours / bare, "memory": mem,
                "val_loss_init": v0, "val_loss_final": v1, "final_step": s1, "minutes": args.minutes}
     (work / "bench-train.json").write_text(json.dumps(summary, indent=2))
     print(f"(details: {work / 'bench-train.json'}, run dir {work / 'run'})")

@@ -44,14 +44,13 @@ def sft_rows(tmp_path_factory, ray_cluster, debug_model_dir):
 
 
 def train(rows, out: Path, model_dir, *overrides: str, workers: int = 1) -> Path:
-    import ray.data
-
     from raylm.training.config import load_train_config
     from raylm.training.pretrain import run_training
+    from raylm.training.row_source import ArrayRows
 
     train_rows, val_rows = rows
     cfg = load_train_config("debug", [*COMMON, *overrides, f"scaling.num_workers={workers}"])
-    run_training(cfg, train=ray.data.from_items(train_rows), val=ray.data.from_items(val_rows), tokenizer_dir=str(model_dir),
+    run_training(cfg, train=ArrayRows.from_records(train_rows), val=ArrayRows.from_records(val_rows), tokenizer_dir=str(model_dir),
                  out=str(out), init_model_dir=str(model_dir), kind="finetune", write_run_report=False)
     return out
 

@@ -5,7 +5,6 @@ truncation on resume."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import subprocess
 import sys
@@ -26,16 +25,11 @@ from raylm.training.checkpoint import (
     set_rng_state,
 )
 from raylm.training.config import global_batch, grad_accum, load_train_config
-from raylm.training.data_order import (
-    InMemoryShard,
-    epoch_batches,
-    eval_micro_batches,
-    global_batches,
-    rank_micro_batches,
-)
+from raylm.training.data_order import epoch_batches, eval_micro_batches, micro_batches
 from raylm.training.deepspeed_config import build_ds_config
 from raylm.training.losses import loss_for, next_token_loss, target_count
 from raylm.training.measure import Throughput
+from raylm.training.row_source import ArrayRows, ParquetRows, first_rows
 from raylm.training.run_settings import keep_run_settings, remember_run_settings
 from raylm.training.schedule import learning_rate
 from raylm.training.tracking import truncate_metrics
@@ -125,86 +119,97 @@ def test_a_fresh_run_dir_takes_the_command_as_it_is(tmp_path):
     assert keep_run_settings(cfg, run, world=1) == [] and global_batch(cfg, 1) == 4
 
 
-def test_data_order_is_independent_of_the_batch_size_and_resumable(ray_cluster):
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ds = ray.data.from_items([{"input_ids": [i, i + 1, i + 2]} for i in range(100)]).materialize()
-
-    def stream(size, skip=0, epoch=0):
-        batches = list(global_batches(ds.iterator(), window=32, seed=7, epoch=epoch, size=size, skip_rows=skip))
-        return np.concatenate([b["input_ids"][:, 0] for b in batches]).tolist()
-
-    by4, by8 = stream(4), stream(8)
-    assert len(by4) == 100 and len(by8) == 96 and by8 == by4[:96]  # the tail shorter than a batch is dropped
-    assert sorted(by4) == list(range(100)) and by4 != list(range(100))  # every row once, shuffled
-    assert stream(4, skip=40) == by4[40:]  # a resume skips exactly the consumed rows
-    assert stream(4, epoch=1) != by4 and stream(4) == by4  # a new order per epoch, the same order per (seed, epoch)
-    # A small split read into the worker's memory walks the very same order, resumes included.
-    in_memory = InMemoryShard(ds.iterator())
-    for size, skip, epoch in ((4, 0, 0), (8, 0, 0), (4, 40, 0), (4, 0, 1), (32, 13, 2)):
-        ours = list(global_batches(in_memory, window=32, seed=7, epoch=epoch, size=size, skip_rows=skip))
-        theirs = list(global_batches(ds.iterator(), window=32, seed=7, epoch=epoch, size=size, skip_rows=skip))
-        assert len(ours) == len(theirs) and all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(ours, theirs))
+def array_rows(count: int) -> ArrayRows:
+    """Rows whose first id is their index in file order, with a mask that travels with them."""
+    ids = np.arange(count)[:, None] + np.arange(3)
+    return ArrayRows({"input_ids": ids, "loss_mask": ids % 2 == 0})
 
 
-class FakeShard:
-    """The one method of a Ray Data shard that the data order calls, over in-memory rows in file order."""
-
-    def __init__(self, rows: int):
-        ids = np.arange(rows)[:, None] + np.arange(3)
-        self.columns = {"input_ids": ids, "loss_mask": ids % 2 == 0}
-
-    def iter_batches(self, batch_size, batch_format, drop_last):
-        assert batch_format == "numpy" and not drop_last
-        for start in range(0, len(self.columns["input_ids"]), batch_size):
-            yield {name: array[start : start + batch_size] for name, array in self.columns.items()}
-
-
-def row_ids(shard, size, skip=0, epoch=0) -> list[int]:
-    batches = list(global_batches(shard, window=32, seed=7, epoch=epoch, size=size, skip_rows=skip))
-    for batch in batches:  # a row's mask travels with its ids through the shuffle
-        assert (batch["loss_mask"] == (batch["input_ids"] % 2 == 0)).all()
-    return [int(i) for b in batches for i in b["input_ids"][:, 0]]
+def global_order(source, size, world=1, window=64, seed=7, epoch=0, skip=0, steps=None):
+    """[(epoch, [row index of each row of the step's global batch])], each rank's rows put side by
+    side, and the rows each rank read."""
+    readers = [[] for _ in range(world)]
+    per_rank = [epoch_batches(source, window, seed, size, epoch, skip, rank, world, readers[rank]) for rank in range(world)]
+    steps = steps if steps is not None else source.num_rows // size - skip // size
+    out = []
+    for _ in range(steps):
+        parts = [next(batches) for batches in per_rank]
+        assert len({e for e, _ in parts}) == 1  # every rank is in the same epoch
+        for _, rows in parts:
+            assert (rows["loss_mask"] == (rows["input_ids"] % 2 == 0)).all()  # a row's mask travels with it
+        out.append((parts[0][0], [int(i) for _, rows in parts for i in rows["input_ids"][:, 0]]))
+    return out, [sum(r.rows_read for r in rank) for rank in readers]
 
 
-def test_data_order_resumes_at_any_row():
-    shard = FakeShard(100)
-    stream = row_ids(shard, size=4)
-    assert sorted(stream) == list(range(100))
-    assert [i - 32 for i in stream[32:64]] != stream[:32]  # each window has its own permutation
-    for skip in (1, 3, 31, 32, 33, 64, 95, 97):  # inside, at and across the shuffle windows' edges
-        assert row_ids(shard, size=4, skip=skip) == stream[skip:][: (100 - skip) // 4 * 4], skip
+def test_each_row_is_read_once_and_the_order_does_not_depend_on_the_world_size():
+    source = array_rows(1000)  # 16 chunks of 64 rows (the last 40)
+    one, reads = global_order(source, size=8)
+    assert len(one) == 125 and sorted(i for _, rows in one for i in rows) == list(range(1000))  # every row, once
+    assert reads == [1000]  # one worker reads each chunk once, though windows cut through chunks
+    for world in (2, 4, 8):
+        many, reads = global_order(source, size=8, world=world)
+        assert many == one, world  # the same global batches, whoever reads them
+        assert 1000 <= sum(reads) <= 1000 + (world - 1) * 64, (world, reads)  # only the chunks at rank boundaries twice
+        assert all(r < 1000 for r in reads)
+    # The shuffle reaches across the whole split: one step's rows come from all over it.
+    first = one[0][1]
+    assert max(first) - min(first) > 500 and one[1][1] != [i + 1 for i in first]
 
 
-def test_ranks_take_disjoint_contiguous_slices_of_the_global_batch():
-    ids = np.arange(24 * 5).reshape(24, 5)
-    batch = {"input_ids": ids, "loss_mask": ids % 3 == 0}
-    world, size, accum = 3, 2, 4
-    taken = [micro for rank in range(world) for micro in rank_micro_batches(batch, rank, size, accum, "cpu")]
-    assert len(taken) == world * accum and all(m["input_ids"].shape == (size, 5) for m in taken)
-    for name in batch:
-        assert torch.cat([m[name] for m in taken]).tolist() == batch[name].tolist()
-
-
-def epoch_row_ids(shard, size, epoch, skip, steps) -> list[tuple[int, list[int]]]:
-    batches = epoch_batches(shard, window=32, seed=7, size=size, epoch=epoch, skip_rows=skip)
-    return [(e, [int(i) for i in b["input_ids"][:, 0]]) for e, b in itertools.islice(batches, steps)]
+def test_the_order_is_a_function_of_seed_and_epoch_and_resumes_at_any_step():
+    source = array_rows(300)
+    epoch0, _ = global_order(source, size=4)
+    assert global_order(source, size=4)[0] == epoch0  # the same order per (seed, epoch)
+    assert global_order(source, size=4, epoch=1)[0] != epoch0 and global_order(source, size=4, seed=8)[0] != epoch0
+    for step in (1, 7, 15, 16, 17, 40, 74):  # inside, at and across the shuffle windows' edges (16 steps each)
+        resumed, _ = global_order(source, size=4, skip=step * 4)
+        assert resumed == epoch0[step:], step
 
 
 def test_a_run_resumed_at_an_epochs_end_goes_on_with_the_next_epoch():
-    shard = FakeShard(16)
-    fresh = epoch_row_ids(shard, size=4, epoch=0, skip=0, steps=10)  # 4 steps per epoch
+    source = array_rows(16)
+    fresh, _ = global_order(source, size=4, steps=10)  # 4 steps per epoch
     assert [e for e, _ in fresh] == [0] * 4 + [1] * 4 + [2] * 2
     assert fresh[4][1] != fresh[0][1]  # the next epoch has its own shuffle
-    assert epoch_row_ids(shard, size=4, epoch=0, skip=16, steps=6) == fresh[4:]  # every row of epoch 0 consumed
-    assert epoch_row_ids(shard, size=4, epoch=1, skip=8, steps=4) == fresh[6:]  # and anywhere inside an epoch
-    # 18 rows, batches of 4: the 2-row tail is dropped, so a resume after 16 rows is at the epoch's end too.
-    tail = FakeShard(18)
-    assert epoch_row_ids(tail, size=4, epoch=0, skip=16, steps=1)[0][0] == 1
-    with pytest.raises(RuntimeError, match="fewer rows than one global batch"):
-        epoch_row_ids(FakeShard(3), size=4, epoch=0, skip=0, steps=1)
+    assert global_order(source, size=4, skip=16, steps=6)[0] == fresh[4:]  # every row of epoch 0 consumed
+    assert global_order(source, size=4, epoch=1, skip=8, steps=4)[0] == fresh[6:]  # and anywhere inside an epoch
+    # 18 rows, batches of 4: 2 rows wait for another epoch, so a resume after 16 rows is at the epoch's end too.
+    assert global_order(array_rows(18), size=4, skip=16, steps=1)[0][0][0] == 1
+    with pytest.raises(RuntimeError, match="fewer than one global batch"):
+        global_order(array_rows(3), size=4, steps=1)
+
+
+def test_parquet_rows_read_a_split_by_row_group(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = []
+    for shard, rows in enumerate((150, 70)):
+        ids = (np.arange(rows)[:, None] + 1000 * shard + np.arange(5)).astype(np.uint16)
+        column = pa.ListArray.from_arrays(pa.array(np.arange(0, (rows + 1) * 5, 5, dtype=np.int32)), pa.array(ids.reshape(-1)))
+        paths.append(str(tmp_path / f"train-{shard}.parquet"))
+        pq.write_table(pa.table({"input_ids": column}), paths[-1], row_group_size=64)
+    source = ParquetRows(paths)
+    assert source.chunk_rows == [64, 64, 22, 64, 6] and source.num_rows == 220
+    assert source.read(4)["input_ids"][:, 0].tolist() == list(range(1064, 1070))
+    assert source.read(1)["input_ids"].shape == (64, 5)
+    import pickle
+
+    shipped = pickle.loads(pickle.dumps(source))  # what the workers get: paths and sizes, no open files
+    assert np.array_equal(shipped.read(2)["input_ids"], source.read(2)["input_ids"])
+    assert first_rows(source, 70)["input_ids"][:, 0].tolist() == list(range(70))
+
+
+def test_a_rank_cuts_its_rows_into_micro_batches():
+    ids = np.arange(8 * 5).reshape(8, 5).astype(np.uint16)
+    ids.setflags(write=False)
+    rows = {"input_ids": ids, "loss_mask": ids % 3 == 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read-only rows are copied, not shared with torch
+        micros = micro_batches(rows, 2, 4, "cpu")
+    assert len(micros) == 4 and all(m["input_ids"].shape == (2, 5) and m["input_ids"].dtype == torch.int64 for m in micros)
+    for name in rows:
+        assert torch.cat([m[name] for m in micros]).tolist() == rows[name].tolist()
 
 
 def test_every_eval_row_is_scored_once_at_any_world_size():

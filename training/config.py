@@ -45,8 +45,7 @@ class DataConfig:
     global_batch: int = 0  # sequences per optimizer step over all workers; 0 = micro_batch*grad_accum*workers.
     #   Set it to keep the optimisation identical when the worker count changes (grad_accum is derived).
     shuffle_seed: int = 0  # seed of the deterministic data order: epoch e is permuted by (shuffle_seed, e)
-    shuffle_window: int = 4096  # rows permuted together in the data order; larger mixes more, holds more rows in memory
-    materialize_max_mb: int = 2048  # a train split up to this size is read once into Ray's object store and then into each worker's memory, not streamed beside every step
+    shuffle_window: int = 4096  # rows permuted together, over the global batch (training/data_order.py); larger mixes more, holds more rows in memory
 
     def validate(self) -> None:
         for name in ("seq_len", "micro_batch", "grad_accum", "shuffle_window"):

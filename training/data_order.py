@@ -1,114 +1,148 @@
-"""The data order: which rows each optimizer step trains on, and which of them each rank takes.
+"""The data order: which rows each optimizer step trains on, and which rank reads them.
 
-The order is a pure function of (data.shuffle_seed, epoch) and independent of the worker count:
-every worker reads the whole split (Ray Data, not split across workers), in file order, permutes
-it window by window with a seeded RNG, and the global batch of step s is the next `global_batch`
-rows of that stream; worker r takes its contiguous slice of the global batch. Resuming skips the
-rows already consumed. This trades reading the split once per worker for exactness: identical
-batches on a restart, a re-run, or at another worker count with the same global batch, and equal
-step counts on every rank by construction. (The driver materializes small splits in Ray's object
-store, and each worker then reads such a split into its own memory once: `InMemoryShard`.)
+Every row is read by one rank per epoch, and the order is a pure function of (data.shuffle_seed,
+epoch, global batch G, shuffle window) and of the split's chunks (training/row_source.py):
+never of the worker count or the micro-batch size. For epoch e:
 
-Micro-batches are whole rows (`input_ids`, and `loss_mask` / `segment_ids` when the rows have
-them) as tensors; turning a row into inputs and targets is the loss's business (training/losses.py).
+1. The chunks (Parquet row groups of 64 rows) are permuted by (seed, e), the whole split at once,
+   and laid end to end: one sequence of N rows.
+2. That sequence is cut into G streams of L = N // G consecutive rows (the last N - G * L rows
+   wait for another epoch's permutation). An epoch has L steps.
+3. Each stream is shuffled in windows of w = shuffle_window // G rows, each window by
+   (seed, e, stream, window index).
+4. Step s's global batch is row s of every stream, stream 0 first. Rank r of W takes streams
+   r * G/W ... (r+1) * G/W - 1: a contiguous slice of the global batch, and a contiguous range of
+   the sequence, so it reads only the chunks of that range (those at its two ends are shared with
+   its neighbours: at most W - 1 chunks are read twice per epoch).
 
-An epoch ends when fewer rows than a global batch are left; the next epoch starts from its first
-row under its own shuffle. A run resumed exactly at an epoch's end (every row consumed) goes on
-with the next epoch.
+Resuming at step s of an epoch starts every stream at its row s. A run resumed exactly at an
+epoch's end goes on with the next epoch. A rank holds at most G/W windows of w rows (the
+shuffle window over its share) and the few chunks that straddle two of its windows.
+
+Micro-batches are whole rows as tensors; turning a row into inputs and targets is the loss's
+business (training/losses.py).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterator
 
 import numpy as np
 import torch
 
-Rows = dict[str, np.ndarray]  # column name -> [rows, seq_len + 1]
+from raylm.training.row_source import Rows
 
 
-def as_columns(batch: dict) -> Rows:
-    """A Ray Data numpy batch -> 2-D int arrays for input_ids and (when present) loss_mask."""
-    columns = {"input_ids": np.stack(list(batch["input_ids"])).astype(np.int64)}
-    if "loss_mask" in batch:
-        columns["loss_mask"] = np.stack(list(batch["loss_mask"])).astype(bool)
-    if "segment_ids" in batch:
-        columns["segment_ids"] = np.stack(list(batch["segment_ids"])).astype(np.int64)
-    return columns
+class EpochPlan:
+    """Epoch `epoch`'s order over a source's chunks: the permuted sequence and its streams."""
+
+    def __init__(self, chunk_rows: list[int], streams: int, window: int, seed: int, epoch: int):
+        self.seed, self.epoch, self.streams = seed, epoch, streams
+        self.order = np.random.default_rng([seed, epoch]).permutation(len(chunk_rows))
+        sizes = np.asarray(chunk_rows, dtype=np.int64)[self.order]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])  # sequence position of each permuted chunk
+        self.steps = int(self.starts[-1]) // streams  # L: rows per stream, steps per epoch
+        self.window = max(1, min(window // streams, self.steps or 1))
+
+    def windows(self, first_step: int) -> Iterator[tuple[int, int, int]]:
+        """(window index, first step, end step) of the epoch's windows from `first_step` on."""
+        for index in range(first_step // self.window, -(-self.steps // self.window)):
+            yield index, index * self.window, min((index + 1) * self.window, self.steps)
+
+    def pieces(self, stream: int, begin: int, end: int) -> list[tuple[int, int, int]]:
+        """Steps begin..end of `stream` as (chunk, first row, end row) pieces of the chunks, in order."""
+        lo, hi = stream * self.steps + begin, stream * self.steps + end
+        out = []
+        position = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        while lo < hi:
+            chunk_start, chunk_end = int(self.starts[position]), int(self.starts[position + 1])
+            take_end = min(hi, chunk_end)
+            out.append((int(self.order[position]), lo - chunk_start, take_end - chunk_start))
+            lo, position = take_end, position + 1
+        return out
+
+    def permutation(self, stream: int, window: int, size: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch, stream, window]).permutation(size)
 
 
-class InMemoryShard:
-    """A small train split read into this worker's memory once; every epoch walks it there.
+class RankReader:
+    """One rank's rows of one epoch, read chunk by chunk; a chunk two windows share is read once."""
 
-    Why: iterating a Ray Dataset runs Ray Data's streaming executor beside the train step for the
-    whole epoch; on a 2-core machine that cost a 1-worker run about 15% of its throughput against
-    Hugging Face Trainer (bench/train.py, part 4). The rows and their order are the shard's own and
-    `iter_batches` cuts the same windows, so the data order, and every resume, are unchanged.
-    Used for splits under data.materialize_max_mb (the driver materializes those already).
+    def __init__(self, source, plan: EpochPlan, streams: range, first_step: int):
+        self.source, self.plan, self.streams = source, plan, streams
+        self.uses: Counter[int] = Counter()  # chunk -> window pieces still to read it
+        for _, begin, end in plan.windows(first_step):
+            for stream in streams:
+                self.uses.update(chunk for chunk, _, _ in plan.pieces(stream, begin, end))
+        self.cached: dict[int, Rows] = {}
+        self.rows_read = 0
+
+    def chunk(self, index: int) -> Rows:
+        rows = self.cached.get(index)
+        if rows is None:
+            rows = self.source.read(index)
+            self.rows_read += len(rows["input_ids"])
+        self.uses[index] -= 1
+        if self.uses[index] > 0:
+            self.cached[index] = rows
+        else:
+            self.cached.pop(index, None)
+        return rows
+
+    def window(self, index: int, begin: int, end: int) -> Rows:
+        """Rows [streams, end - begin, ...] of this window: each stream's rows, in its own permutation."""
+        per_stream = []
+        for stream in self.streams:
+            parts = [(self.chunk(c), lo, hi) for c, lo, hi in self.plan.pieces(stream, begin, end)]
+            rows = {name: np.concatenate([p[name][lo:hi] for p, lo, hi in parts]) for name in parts[0][0]}
+            order = self.plan.permutation(stream, index, end - begin)
+            per_stream.append({name: array[order] for name, array in rows.items()})
+        return {name: np.stack([rows[name] for rows in per_stream]) for name in per_stream[0]}
+
+
+def rank_streams(global_batch: int, rank: int, world: int) -> range:
+    per_rank = global_batch // world
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def epoch_rows(source, plan: EpochPlan, streams: range, first_step: int, reader_out: list | None = None) -> Iterator[Rows]:
+    """This rank's rows of each step of the epoch from `first_step` on: [len(streams), seq_len + 1] per column."""
+    reader = RankReader(source, plan, streams, first_step)
+    if reader_out is not None:
+        reader_out.append(reader)
+    for index, begin, end in plan.windows(first_step):
+        rows = reader.window(index, begin, end)
+        for step in range(max(begin, first_step), end):
+            yield {name: array[:, step - begin] for name, array in rows.items()}
+
+
+def epoch_batches(source, window: int, seed: int, global_batch: int, epoch: int, skip_rows: int,
+                  rank: int = 0, world: int = 1, reads: list | None = None) -> Iterator[tuple[int, Rows]]:
+    """(epoch, this rank's rows of a step) from where a run stands on, epoch after epoch, without end.
+
+    `skip_rows` are the rows of `epoch` already trained (a multiple of the global batch). An epoch
+    with nothing left (a resume at its very end) passes to the next. `reads`, when given, collects
+    each epoch's RankReader, whose `rows_read` counts what this rank read.
     """
-
-    def __init__(self, shard):
-        batches = [as_columns(b) for b in shard.iter_batches(batch_size=4096, batch_format="numpy") if len(b["input_ids"])]
-        self.rows: Rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]} if batches else {}
-
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False) -> Iterator[Rows]:
-        count = len(self.rows["input_ids"]) if self.rows else 0
-        for start in range(0, count, batch_size):
-            if drop_last and start + batch_size > count:
-                return
-            yield {name: array[start : start + batch_size] for name, array in self.rows.items()}
-
-
-def shuffled_rows(shard, window: int, seed: int, epoch: int) -> Iterator[Rows]:
-    """The epoch's rows in windows of `window` rows, each permuted by (seed, epoch, window index)."""
-    for index, batch in enumerate(shard.iter_batches(batch_size=window, batch_format="numpy", drop_last=False)):
-        columns = as_columns(batch)
-        order = np.random.default_rng([seed, epoch, index]).permutation(len(columns["input_ids"]))
-        yield {name: array[order] for name, array in columns.items()}
-
-
-def global_batches(shard, window: int, seed: int, epoch: int, size: int, skip_rows: int) -> Iterator[Rows]:
-    """Consecutive `size`-row global batches of the epoch's stream, after skipping `skip_rows` rows.
-
-    The tail shorter than a global batch is dropped, so every rank sees the same step count.
-    """
-    pending: Rows | None = None
-    for chunk in shuffled_rows(shard, window, seed, epoch):
-        if skip_rows:
-            drop = min(skip_rows, len(chunk["input_ids"]))
-            chunk = {name: array[drop:] for name, array in chunk.items()}
-            skip_rows -= drop
-        pending = chunk if pending is None else {n: np.concatenate([pending[n], chunk[n]]) for n in chunk}
-        while len(pending["input_ids"]) >= size:
-            yield {name: array[:size] for name, array in pending.items()}
-            pending = {name: array[size:] for name, array in pending.items()}
-
-
-def micro_batch(rows: Rows, start: int, size: int, device) -> dict[str, torch.Tensor]:
-    """Rows start..start+size of every column, as tensors on `device`."""
-    return {name: torch.from_numpy(array[start : start + size]).to(device) for name, array in rows.items()}
-
-
-def rank_micro_batches(batch: Rows, rank: int, size: int, accum: int, device) -> list[dict[str, torch.Tensor]]:
-    """This rank's contiguous slice of a global batch, cut into `accum` micro-batches of `size` rows."""
-    first = rank * size * accum
-    return [micro_batch(batch, first + i * size, size, device) for i in range(accum)]
-
-
-def epoch_batches(shard, window: int, seed: int, size: int, epoch: int, skip_rows: int) -> Iterator[tuple[int, Rows]]:
-    """(epoch, global batch) from where a run stands on, epoch after epoch, without end.
-
-    An epoch that has nothing left to give (a resume at its very end) passes to the next one; an
-    epoch that gives nothing from its start means the split holds fewer rows than one global batch.
-    """
+    streams = rank_streams(global_batch, rank, world)
+    first_step = skip_rows // global_batch
     while True:
-        stepped = False
-        for batch in global_batches(shard, window, seed, epoch, size, skip_rows):
-            stepped = True
-            yield epoch, batch
-        if not stepped and skip_rows == 0:
-            raise RuntimeError(f"the train split has fewer rows than one global batch ({size} rows)")
-        epoch, skip_rows = epoch + 1, 0
+        plan = EpochPlan(source.chunk_rows, global_batch, window, seed, epoch)
+        if plan.steps == 0:
+            raise RuntimeError(f"the train split has {plan.starts[-1]} rows, fewer than one global batch ({global_batch} rows)")
+        if first_step < plan.steps:
+            for rows in epoch_rows(source, plan, streams, first_step, reads):
+                yield epoch, rows
+        epoch, first_step = epoch + 1, 0
+
+
+def micro_batches(rows: Rows, size: int, accum: int, device) -> list[dict[str, torch.Tensor]]:
+    """This rank's rows of a step cut into `accum` micro-batches of `size` rows, as int64/bool tensors."""
+    def tensor(array: np.ndarray) -> torch.Tensor:  # a copy: rows may be read-only Arrow buffers
+        return torch.from_numpy(array.astype(bool if array.dtype == bool else np.int64)).to(device)
+
+    return [{name: tensor(array[i * size : (i + 1) * size]) for name, array in rows.items()} for i in range(accum)]
 
 
 def eval_micro_batches(eval_rows: Rows | None, size: int, rank: int, world: int, device) -> list[dict[str, torch.Tensor]]:
@@ -132,6 +166,6 @@ def eval_micro_batches(eval_rows: Rows | None, size: int, rank: int, world: int,
         filler = {name: np.repeat(array[:1], missing, axis=0) for name, array in columns.items()}
         filler["loss_mask"][:] = False
         columns = {name: np.concatenate([array, filler[name]]) for name, array in columns.items()}
-    # A copy: the rows may be read-only Arrow buffers, which torch.from_numpy warns about.
-    mine = {name: array[rank * per_rank : (rank + 1) * per_rank].copy() for name, array in columns.items()}
-    return [micro_batch(mine, start, size, device) for start in range(0, per_rank, size)]
+    mine = {name: array[rank * per_rank : (rank + 1) * per_rank] for name, array in columns.items()}
+    return [micro_batches({n: a[start : start + size] for n, a in mine.items()}, size, 1, device)[0]
+            for start in range(0, per_rank, size)]

@@ -34,11 +34,11 @@ from raylm.training.config import (
     draft_train_config,
     recipe_names,
 )
+from raylm.training.row_source import ArrayRows
 from raylm.training.sft_data import (
     SftDataConfig,
     SftRows,
     build_sft_rows,
-    to_ray_dataset,
 )
 
 DEFAULT_PROMPTS = [
@@ -150,8 +150,8 @@ def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str |
     init_ray(address)
     result = run_training(
         train_config(cfg),
-        train=to_ray_dataset(sft["train"]),
-        val=to_ray_dataset(sft["val"]) if sft["val"].rows else None,
+        train=ArrayRows.from_records(sft["train"].rows),
+        val=ArrayRows.from_records(sft["val"].rows) if sft["val"].rows else None,
         tokenizer_dir=base,
         out=out,
         init_model_dir=base,

@@ -47,8 +47,8 @@ from raylm.training.config import (
     global_batch,
     recipe_names,
 )
-from raylm.training.data_order import as_columns
 from raylm.training.deepspeed_config import resolve_precision
+from raylm.training.row_source import ParquetRows, first_rows
 from raylm.training.run_log import say
 from raylm.training.run_settings import keep_run_settings, remember_run_settings
 from raylm.training.tracking import METRICS_FILE
@@ -108,37 +108,22 @@ def check_rows(name: str, count: int, needed: int, what: str) -> None:
 
 
 def fixed_eval_rows(val, rows: int) -> dict[str, np.ndarray] | None:
-    """The eval set: the val split's first `rows` rows (0 = all of them), read once here and shipped
-    to the workers, which score every row once whatever their number (data_order.eval_micro_batches)."""
-    val.context.execution_options.preserve_order = True  # "first" means in file order, run after run
-    if rows > 0:
-        val = val.limit(rows)
-    batches = list(val.iter_batches(batch_size=4096, batch_format="numpy"))
-    columns = [as_columns(batch) for batch in batches if len(batch["input_ids"])]
-    if not columns:
-        return None
-    return {name: np.concatenate([c[name] for c in columns]) for name in columns[0]}
+    """The eval set: the val split's first `rows` rows in file order (0 = all of them), read once here
+    and shipped to the workers, which score every row once whatever their number
+    (data_order.eval_micro_batches)."""
+    return first_rows(val, rows)
 
 
-def quiet_console(*datasets) -> None:
+def quiet_console() -> None:
     """Ray settings that keep a training run's console to one line per event (issue 12).
 
-    Call before the datasets run and before the trainer is built; `datasets` may hold None.
+    Call before the trainer is built.
     """
-    from ray.data import DataContext
-
     # Ray Train V2 patches `print` in its workers so that a print goes to stdout *and* to the root
     # logger, whose handler writes to stderr; Ray forwards both streams, so every step line reached
     # the console twice. Ray Train passes this variable from the driver's environment on to its
     # controller and workers when fit() starts them. A user who sets it keeps their value.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # Ray Data's progress bars (tqdm in every worker; "Total Progress" blocks in the driver when
-    # stdout is no terminal) smear into the step lines. The trainer hands the driver's current
-    # DataContext to its workers; each dataset runs under the DataContext it was made with.
-    DataContext.get_current().enable_progress_bars = False
-    for dataset in datasets:
-        if dataset is not None:
-            dataset.context.enable_progress_bars = False
 
 
 def run_training(
@@ -152,22 +137,17 @@ def run_training(
     kind: str = "pretrain",
     source: dict | None = None,
     write_run_report: bool = True,
-    train_rows: int | None = None,
 ) -> TrainResult:
-    """Train with Ray Train + DeepSpeed on `train` (rows: input_ids [+ loss_mask], seq_len+1 long).
+    """Train with Ray Train + DeepSpeed on `train`, a row source (training/row_source.py: a dataset
+    dir's split or rows in memory; rows of input_ids [+ loss_mask, segment_ids], seq_len+1 long).
 
-    `init_model_dir` starts from a HF Llama-format model dir's weights; its config replaces cfg.model.
-    `source` is recorded in run.json (e.g. the dataset dir or the base model). `train_rows`, when the
-    caller knows it (a dataset manifest), spares counting the split. Ray must be initialised.
+    Each worker reads its own rows of `train` (training/data_order.py); the first eval.rows rows of
+    `val` are read here and shipped to them. `init_model_dir` starts from a HF Llama-format model
+    dir's weights; its config replaces cfg.model. `source` is recorded in run.json (e.g. the
+    dataset dir or the base model). Ray must be initialised.
     """
-    import ray.data
     import ray.train
-    from ray.train import (
-        DataConfig,
-        FailureConfig,
-        RunConfig,
-        ScalingConfig,
-    )
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raylm.training.engine import use_own_torch_extensions_dir
@@ -182,7 +162,7 @@ def run_training(
         cfg.model = read_model_config(init_model_dir)
         if cfg.data.seq_len > cfg.model.max_seq_len:
             raise UserError(f"data.seq_len ({cfg.data.seq_len}) exceeds the base model's max_position_embeddings ({cfg.model.max_seq_len})")
-    quiet_console(train, val)
+    quiet_console()
     use_own_torch_extensions_dir()  # DeepSpeed's compiled ops: this venv's own cache (training/engine.py)
     use_gpu = resolve_use_gpu(cfg.scaling.use_gpu)
     resolve_precision(cfg.deepspeed.precision, use_gpu)
@@ -191,11 +171,7 @@ def run_training(
     asked = to_dict(cfg)
     for line in keep_run_settings(cfg, run_dir, world):  # a rerun keeps the run's global batch and schedule
         say(run_dir, line)
-    train_rows = train.count() if train_rows is None else train_rows
-    check_rows("the train", train_rows, global_batch(cfg, world), f"a global batch of {world} workers")
-    small = train_rows * (cfg.data.seq_len + 1) * 8 <= cfg.data.materialize_max_mb * 2**20
-    if small:
-        train = train.materialize()  # read once here, not once per worker and epoch
+    check_rows("the train", train.num_rows, global_batch(cfg, world), f"a global batch of {world} workers")
     eval_rows = fixed_eval_rows(val, cfg.eval.rows) if val is not None else None
 
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
@@ -208,7 +184,7 @@ def run_training(
         train_loop_config={
             "config": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
             "init_model_dir": str(Path(init_model_dir).resolve()) if init_model_dir else None,
-            "use_gpu": use_gpu, "kind": kind, "eval_rows": eval_rows, "train_in_memory": small,
+            "use_gpu": use_gpu, "kind": kind, "eval_rows": eval_rows, "train_source": train,
         },
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -218,9 +194,6 @@ def run_training(
             # No CheckpointConfig: the loop keeps its checkpoints itself (training/checkpoint_store.py).
             callbacks=[FailureReporter(str(run_dir), cfg.scaling.max_failures)],  # a dead worker is one line
         ),
-        datasets={"train": train},
-        # Every worker reads the whole split in file order; the loop derives its share (training/data_order.py).
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     started = time.time()
     with StopOnSignal(run_dir, cfg.checkpoint.stop_grace_s) as stop:  # SIGTERM, Ctrl-C: a checkpoint, then stop
@@ -338,22 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     manifest, train_paths, val_paths = dataset_splits(args.data)
     check_writable(Path(args.out).expanduser().resolve())  # before a cluster starts
 
-    import ray.data
-
     from raylm.core.ray_cluster import init_ray
 
     init_ray(args.address)
-    # Ray Data 2.60's default Parquet reader (datasource v2) lists files in a thread pool whose
-    # completion thread can raise InterruptedError as the listing task ends: a traceback on the
-    # console of a healthy run. The v1 reader reads the same shards (we pass their paths) without it.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    ray.data.DataContext.get_current().enable_progress_bars = False  # v1 samples the files behind a progress bar
-    train = ray.data.read_parquet(train_paths).select_columns(["input_ids"])
-    val = ray.data.read_parquet(val_paths).select_columns(["input_ids"]) if val_paths else None
     result = run_training(
-        cfg, train=train, val=val, tokenizer_dir=str(Path(args.data) / "tokenizer"), out=args.out,
+        cfg, train=ParquetRows(train_paths), val=ParquetRows(val_paths) if val_paths else None,
+        tokenizer_dir=str(Path(args.data) / "tokenizer"), out=args.out,
         source={"dataset_dir": str(Path(args.data).resolve()), "manifest_source": manifest.get("source")},
-        train_rows=sum(shard["rows"] for shard in manifest["splits"]["train"]["shards"]),
     )
     print(summary_line(result.summary, result.model_dir))
     return 0

@@ -174,10 +174,3 @@ def build_sft_rows(chat_path: str | Path, model_dir: str | Path, seq_len: int, c
         "val": val.counts,
     }
     return {"train": train, "val": val, "stats": stats}
-
-
-def to_ray_dataset(rows: SftRows):
-    """Rows -> a Ray Dataset in row order (the loop shuffles with its own seed)."""
-    import ray.data
-
-    return ray.data.from_items(rows.rows)

@@ -30,12 +30,7 @@ from raylm.model.model_dir import save_model_dir
 from raylm.model.transformer import flops_per_token
 from raylm.training import checkpoint, checkpoint_store
 from raylm.training.config import TrainConfig, global_batch, grad_accum
-from raylm.training.data_order import (
-    InMemoryShard,
-    epoch_batches,
-    eval_micro_batches,
-    rank_micro_batches,
-)
+from raylm.training.data_order import epoch_batches, eval_micro_batches, micro_batches
 from raylm.training.engine import grad_norm_of, init_engine, set_lr
 from raylm.training.failures import quiet_worker_errors
 from raylm.training.faults import maybe_inject_fault, record_worker
@@ -141,9 +136,8 @@ class Trainer:
         self.tracker = Tracker(self.run_dir, cfg.logging, active=self.rank == 0, max_steps=cfg.max_steps)
         self.tracker.start(resumed_step=self.state.step, wandb_id=self.state.wandb_id,
                            config=self.loop_config["config"] | {"kind": self.kind}, run_name=self.run_dir.name)
-        self.train_shard = ray.train.get_dataset_shard("train")
-        if self.loop_config.get("train_in_memory"):
-            self.train_shard = InMemoryShard(self.train_shard)  # a small split: read once (data_order.py says why)
+        self.train_source = self.loop_config["train_source"]  # this rank reads its own rows (data_order.py)
+        self.readers: list = []  # each epoch's RankReader: what this rank read
         self.eval_batches = eval_micro_batches(self.loop_config["eval_rows"], cfg.data.micro_batch, self.rank, self.world, self.device)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device.type, cfg.logging.peak_tflops_per_worker)
@@ -175,8 +169,8 @@ class Trainer:
         if self.state.step >= self.cfg.max_steps:
             return
         data = self.cfg.data
-        batches = epoch_batches(self.train_shard, data.shuffle_window, data.shuffle_seed, self.batch_rows,
-                                self.state.epoch, self.state.rows_in_epoch)
+        batches = epoch_batches(self.train_source, data.shuffle_window, data.shuffle_seed, self.batch_rows,
+                                self.state.epoch, self.state.rows_in_epoch, self.rank, self.world, self.readers)
         for epoch, batch in batches:
             if epoch != self.state.epoch:
                 self.state.next_epoch()
@@ -196,8 +190,8 @@ class Trainer:
             if is_last or self.stopped:
                 return
 
-    def train_step(self, batch: dict[str, np.ndarray]) -> StepResult:
-        """One optimizer step on this rank's share of a global batch: `grad_accum` forward/backwards, one update.
+    def train_step(self, rows: dict[str, np.ndarray]) -> StepResult:
+        """One optimizer step on this rank's rows of a global batch: `grad_accum` forward/backwards, one update.
 
         Each micro-batch backpropagates its summed token loss divided by the target count of the
         whole global batch, times world x accum to undo DeepSpeed's averaging over micro-batches
@@ -207,10 +201,10 @@ class Trainer:
         start = time.perf_counter()
         lr = learning_rate(self.state.step, self.cfg)
         set_lr(self.engine, lr)
-        targets = max(target_count(batch), 1)
+        targets = max(self.global_target_count(rows), 1)
         scale = self.world * self.accum / targets
         loss_sum, own_norm = 0.0, None
-        for i, micro in enumerate(rank_micro_batches(batch, self.rank, self.cfg.data.micro_batch, self.accum, self.device)):
+        for i, micro in enumerate(micro_batches(rows, self.cfg.data.micro_batch, self.accum, self.device)):
             total, _ = self.loss_fn(self.engine, micro)
             self.engine.backward(total * scale)
             loss_sum += float(total.detach())
@@ -227,6 +221,18 @@ class Trainer:
         ds_norm = self.engine.get_global_grad_norm()
         loss = all_reduce_sum([loss_sum], self.device)[0] / targets
         return StepResult(lr=lr, loss=loss, grad_norm=float(ds_norm) if ds_norm is not None else own_norm)
+
+    def global_target_count(self, rows: dict[str, np.ndarray]) -> int:
+        """The target tokens of the whole global batch: every rank's count, summed (a pretraining row
+        always has seq_len of them, so there it needs no communication)."""
+        if "loss_mask" not in rows:
+            return target_count(rows) * self.world
+        return int(all_reduce_sum([float(target_count(rows))], self.device)[0])
+
+    def rows_read(self) -> int:
+        """Rows every rank read from the split in this attempt. A rank reads a window's rows before it
+        trains on them, so over whole epochs this equals the rows trained when each is read once."""
+        return int(all_reduce_sum([float(sum(r.rows_read for r in self.readers))], self.device)[0])
 
     def stop_vote(self) -> tuple[bool, bool]:
         """(out of time, a stop was requested): only rank 0 reads the clock and the run dir, and all
@@ -282,6 +288,7 @@ class Trainer:
         return self.loss_row(result) | {
             "tokens_per_s": tokens_per_s, "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world) if self.peak_flops else None,
             "mem_gb": memory_gb(self.device), "tokens": self.state.tokens, "epoch": self.state.epoch,
+            "rows_read": self.rows_read(),
         }
 
     # ---- checkpoints and export ------------------------------------------------------------------
