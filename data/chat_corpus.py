@@ -1,4 +1,4 @@
-"""`raylm prepare-chat --source stdlib --out FILE.jsonl`: the embedded chat set, built offline.
+"""The embedded chat set, built offline (`raylm prepare-chat --source stdlib`, data/chat_dataset.py).
 
 Question/answer conversations taken from the running interpreter's standard library:
 - "What does `json.dumps` do?" -> the first paragraph of its docstring (public functions,
@@ -14,19 +14,12 @@ the same for the same interpreter, and written atomically.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import inspect
 import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
-from raylm.core.config import from_dict
-from raylm.core.entry import run_main
-from raylm.core.errors import UserError
 from raylm.core.files import write_atomic
 from raylm.data.sources import stdlib_files
 from raylm.model.chat import messages_problem
@@ -42,19 +35,6 @@ CLASS_QUESTIONS = ("What is `{name}`?", "What is the `{name}` class for?", "Desc
 MODULE_QUESTIONS = ("What is the `{name}` module for?", "What does the `{name}` module provide?")
 MIN_ANSWER_CHARS = 40
 MAX_ANSWER_CHARS = 700
-
-
-@dataclass
-class ChatCorpusConfig:
-    out: str  # the JSONL file to write
-    source: str = "stdlib"  # only `stdlib`: the interpreter's standard library
-    max_records: int | None = None  # keep only the first N conversations of the fixed shuffle
-
-    def validate(self) -> None:
-        if self.source != "stdlib":
-            raise UserError(f"--source {self.source!r}: the embedded chat set is built from `stdlib` only")
-        if self.max_records is not None and self.max_records < 1:
-            raise UserError(f"--max-records must be at least 1, got {self.max_records}")
 
 
 def stable_hash(text: str) -> int:
@@ -173,24 +153,3 @@ def build_chat_records(max_records: int | None = None) -> list[dict]:
 
 def write_jsonl_atomically(records: list[dict], out: Path) -> None:
     write_atomic(out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-
-
-def parse_args(argv: list[str] | None) -> ChatCorpusConfig:
-    parser = argparse.ArgumentParser(prog="raylm prepare-chat", description=__doc__.split("\n\n")[0])
-    add_config_flags(parser, ChatCorpusConfig)
-    return from_dict(ChatCorpusConfig, config_values(parse_command_line(parser, argv)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    records = build_chat_records(cfg.max_records)
-    out = Path(cfg.out)
-    write_jsonl_atomically(records, out)
-    multi_turn = sum(1 for r in records if sum(m["role"] == "assistant" for m in r["messages"]) > 1)
-    with_system = sum(1 for r in records if r["messages"][0]["role"] == "system")
-    print(f"wrote {len(records)} chat records to {out} ({multi_turn} two-turn, {with_system} with a system prompt)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_main(main))

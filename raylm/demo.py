@@ -165,7 +165,7 @@ def pretrain(demo: DemoRun) -> None:
 
 
 def prepare_chat(demo: DemoRun) -> None:
-    call_stage("raylm.data.chat_corpus", ["--source", "stdlib", "--out", str(demo.chat_file), "--max-records", str(demo.recipe.chat_records)])
+    call_stage("raylm.data.chat_dataset", ["--source", "stdlib", "--out", str(demo.chat_file), "--max-records", str(demo.recipe.chat_records)])
 
 
 def finetune(demo: DemoRun) -> None:

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from raylm.core.errors import UserError
 from raylm.data.chat import read_chat_jsonl
 from raylm.data.chat_corpus import build_chat_records
-from raylm.data.chat_corpus import main as prepare_chat_main
+from raylm.data.chat_dataset import main as prepare_chat_main
 from raylm.data.sources import stdlib_files
 from raylm.data.tokenizer import save_tokenizer, train_tokenizer
 from raylm.model.chat import IM_END, encode_chat, render_chat, trained_spans

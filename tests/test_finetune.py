@@ -60,6 +60,7 @@ def sft_run(tmp_path_factory, ray_cluster):
     rc = raylm(["finetune", "--config", "sft-debug", "--base", str(base), "--data", str(chat), "--out", str(out),
                 "--num-workers", "2", "--max-steps", "100"])
     assert rc == 0
+    assert (out / "chat-data" / "manifest.json").is_file()  # the JSONL became a chat dataset dir first, on Ray Data
     return {"base": base, "out": out, "summary": json.loads((out / "finetune.json").read_text())}
 
 

@@ -1,7 +1,6 @@
-"""SFT rows from real chat records: the trained positions decode to exactly the assistant turns.
-
-No Ray here: the rows are checked before they become a Ray Dataset.
-"""
+"""SFT rows from real chat records: the trained positions decode to exactly the assistant turns
+(data/chat_rows.py, no Ray); and `raylm prepare-chat`'s chat dataset dir, built on Ray Data,
+holds those very rows."""
 
 from __future__ import annotations
 
@@ -12,13 +11,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from raylm.core.errors import UserError
-from raylm.training.sft_data import (
-    SftDataConfig,
-    build_sft_rows,
-    encode_rows,
-    split_records,
-)
-from raylm.training.sft_data import load_base_tokenizer as load_tokenizer
+from raylm.data.chat_dataset import in_val, read_chat_dataset
+from raylm.data.chat_dataset import main as prepare_chat
+from raylm.data.chat_rows import encode_rows
+from raylm.data.chat_rows import load_base_tokenizer as load_tokenizer
 
 MULTI_TURN = [
     {"role": "system", "content": "You answer questions about Python's standard library."},
@@ -32,8 +28,6 @@ MULTI_TURN = [
 @pytest.fixture(scope="module")
 def stdlib_chat(tmp_path_factory):
     """The embedded chat set, as `raylm prepare-chat --source stdlib` writes it (a small slice)."""
-    from raylm.data.chat_corpus import main as prepare_chat
-
     path = tmp_path_factory.mktemp("chat") / "stdlib-chat.jsonl"
     assert prepare_chat(["--source", "stdlib", "--out", str(path), "--max-records", "200"]) == 0
     return path
@@ -133,27 +127,90 @@ def test_packed_rows_hold_each_conversation_once_with_its_mask_and_little_paddin
     assert sorted(found) == expected  # every conversation once, with its own mask; no target crosses examples
 
 
-def test_split_is_deterministic_and_disjoint():
-    records = [[{"role": "user", "content": str(i)}] for i in range(100)]
-    train, val = split_records(records, 0.1, seed=3)
-    assert (len(train), len(val)) == (90, 10)
-    assert split_records(records, 0.1, seed=3) == (train, val)
-    assert split_records(records, 0.1, seed=4)[1] != val
-    assert sorted(train + val, key=lambda r: int(r[0]["content"])) == records
-    assert len(split_records(records[:3], 0.05, seed=0)[1]) == 1  # a tiny file still gets a val record
+def test_the_val_split_is_a_per_record_hash():
+    records = [[{"role": "user", "content": str(i)}] for i in range(2000)]
+    val = [in_val(r, 3, 0.1) for r in records]
+    assert 150 < sum(val) < 250  # about the fraction asked
+    assert val == [in_val(r, 3, 0.1) for r in records] and val != [in_val(r, 4, 0.1) for r in records]
+    assert not any(in_val(r, 3, 0.0) for r in records)
 
 
-def test_build_counts_bad_lines_and_limits_records(tmp_path, tokenizer_dir):
-    lines = [json.dumps({"prompt": f"What is {i}?", "response": f"It is {i}."}) for i in range(30)]
+def read_rows(data_dir, manifest, split) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = []
+    for shard in manifest["splits"][split]["shards"]:
+        table = pq.read_table(data_dir / shard["path"])
+        rows += [{name: np.asarray(table.column(name)[i].as_py()) for name in table.column_names} for i in range(len(table))]
+    return rows
+
+
+def test_prepare_chat_writes_the_rows_of_the_rules_and_counts_bad_lines(tmp_path, tokenizer_dir, ray_cluster, capsys):
+    from raylm.data.chat import read_chat_jsonl
+    from raylm.training.row_source import ParquetRows
+
+    lines = [json.dumps({"prompt": f"What is {i}?", "response": f"It is {i}." * (1 + i % 7)}) for i in range(300)]
     lines.insert(5, "not json")
     lines.insert(9, json.dumps({"messages": [{"role": "user", "content": "no answer"}]}))
-    path = tmp_path / "chat.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    built = build_sft_rows(path, tokenizer_dir, seq_len=64, cfg=SftDataConfig(val_fraction=0.2, max_records=20))
-    stats = built["stats"]
-    assert stats["records"] == 20 and sum(stats["skipped_lines"].values()) == 2
-    assert sorted(n for lines in stats["skipped_line_numbers"].values() for n in lines) == [6, 10]
-    assert (stats["train"]["conversations"], stats["val"]["conversations"]) == (16, 4)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "chat-data"
+    args = ["--source", str(chat), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--seq-len", "128",
+            "--val-fraction", "0.2", "--records-per-shard", "100"]
+    assert prepare_chat(args) == 0
+    assert "302 records (skipped: no_assistant_turn 1, not_json 1)" in capsys.readouterr().out
+    manifest = read_chat_dataset(out)
+    assert manifest["records"] == 302 and manifest["skipped_lines"] == {"no_assistant_turn": 1, "not_json": 1}
+    assert manifest["skipped_examples"]["not_json"] == [f"{chat}:6"] and manifest["skipped_examples"]["no_assistant_turn"] == [f"{chat}:10"]
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert train["conversations"] + val["conversations"] == 300 and 30 < val["conversations"] < 90
+    assert len(train["shards"]) == 4  # one per batch of 100 lines: the workers write them
+    # The rows are the rules' rows: each split's records, encoded and packed batch by batch.
+    records, _ = read_chat_jsonl(str(chat))
+    tokenizer, pad_id = load_tokenizer(tokenizer_dir)
+    for split in ("train", "val"):
+        mine = [r for r in records if in_val(r, 0, 0.2) == (split == "val")]
+        expected = encode_rows(mine, tokenizer, seq_len=128, pad_id=pad_id)
+        written = read_rows(out, manifest, split)
+        assert manifest["splits"][split]["target_tokens"] == expected.counts["target_tokens"]
+        conversations = sorted(c for r in written for c in segments_of(r))
+        assert conversations == sorted(c for r in expected.rows for c in segments_of(r))  # packed per batch, the same conversations
+        assert all(r["input_ids"].shape == r["loss_mask"].shape == r["segment_ids"].shape == (129,) for r in written)
+    # Training reads it as it reads a pretraining dataset: by row group, with every column.
+    source = ParquetRows([str(out / s["path"]) for s in train["shards"]])
+    assert source.num_rows == train["rows"] and set(source.read(0)) == {"input_ids", "loss_mask", "segment_ids"}
+    # The same command keeps the dir; other settings are refused unless --overwrite.
+    assert prepare_chat(args) == 0 and "kept the chat dataset" in capsys.readouterr().out
+    with pytest.raises(UserError, match="another source, tokenizer or settings"):
+        prepare_chat([*args[:-2], "--records-per-shard", "100", "--split-seed", "1"])
+
+
+def test_finetune_refuses_a_chat_dataset_of_another_tokenizer_or_row_length(tmp_path, tokenizer_dir, ray_cluster):
+    import shutil
+
+    from raylm.training.sft_data import check_chat_dataset
+
+    out = tmp_path / "chat-data"
+    assert prepare_chat(["--source", "stdlib", "--max-records", "50", "--tokenizer", str(tokenizer_dir), "--out", str(out), "--seq-len", "96"]) == 0
+    manifest = read_chat_dataset(out)
+    check_chat_dataset(str(out), manifest, str(tokenizer_dir), 96)  # its own tokenizer and length: fine
+    with pytest.raises(UserError, match="rows of seq_len 96 but the run trains data.seq_len=64"):
+        check_chat_dataset(str(out), manifest, str(tokenizer_dir), 64)
+    other = tmp_path / "other-base"
+    shutil.copytree(tokenizer_dir, other)
+    (other / "tokenizer.json").write_text(json.dumps(json.loads((other / "tokenizer.json").read_text()), indent=1))
+    with pytest.raises(UserError, match="was encoded with the tokenizer of"):
+        check_chat_dataset(str(out), manifest, str(other), 96)
+
+
+def test_a_chat_file_with_no_usable_record_is_refused(tmp_path, tokenizer_dir, ray_cluster):
+    chat = tmp_path / "bad.jsonl"
+    chat.write_text("not json\n[1, 2]\n")
+    with pytest.raises(UserError, match="has no usable record"):
+        prepare_chat(["--source", str(chat), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="--tokenizer is required"):
+        prepare_chat(["--source", str(chat), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing half-written looks like a dataset
 
 
 def test_a_tokenizer_without_chatml_tokens_is_refused(tmp_path, tokenizer_dir):

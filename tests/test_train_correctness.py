@@ -29,14 +29,14 @@ COMMON = ["deepspeed.zero_stage=0", "deepspeed.precision=fp32", "data.global_bat
 
 
 @pytest.fixture(scope="module")
-def sft_rows(tmp_path_factory, ray_cluster, debug_model_dir):
-    from raylm.data.chat_corpus import main as prepare_chat
-    from raylm.training.sft_data import SftDataConfig, build_sft_rows
+def sft_rows(debug_model_dir):
+    from raylm.data.chat_corpus import build_chat_records
+    from raylm.data.chat_rows import encode_rows, load_base_tokenizer
 
-    chat = tmp_path_factory.mktemp("correctness") / "chat.jsonl"
-    assert prepare_chat(["--source", "stdlib", "--out", str(chat), "--max-records", "60"]) == 0
-    built = build_sft_rows(chat, debug_model_dir, seq_len=64, cfg=SftDataConfig(val_fraction=0.2, pack=False))
-    train, val = built["train"].rows, built["val"].rows
+    records = [r["messages"] for r in build_chat_records(60)]
+    tokenizer, pad_id = load_base_tokenizer(debug_model_dir)
+    train = encode_rows(records[:45], tokenizer, seq_len=64, pad_id=pad_id, pack=False).rows
+    val = encode_rows(records[45:], tokenizer, seq_len=64, pad_id=pad_id, pack=False).rows
     assert len(train) >= 24 and len(val) >= 7
     targets = {int(row["loss_mask"][1:].sum()) for row in train[:24]}
     assert len(targets) > 4  # rows with different numbers of targets: where the weighting shows

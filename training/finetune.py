@@ -1,9 +1,11 @@
 """`raylm finetune`: chat SFT of a Llama-format model dir on the one train loop.
 
-    raylm finetune --config training/configs/sft-tiny.yaml --base RUN/model --data chat.jsonl --out RUN_DIR [key=value ...]
+    raylm finetune --config sft-tiny --base RUN/model --data chat.jsonl|CHAT_DATASET_DIR --out RUN_DIR [key=value ...]
 
-What differs from pretraining is only the dataset and the starting weights: the chat file becomes
-padded rows of `input_ids` + `loss_mask` (training/sft_data.py says the rules), the weights and the
+What differs from pretraining is only the dataset and the starting weights: the chat records
+become packed rows of `input_ids` + `loss_mask` + `segment_ids` in a chat dataset dir, on Ray Data
+(data/chat_dataset.py; a JSONL file is turned into RUN_DIR/chat-data first, training/sft_data.py),
+which the workers read as they read a pretraining dataset; the weights and the
 model config come from `--base` (any Hugging Face Llama-format dir: ours, or an open model on disk),
 and the tokenizer is the base's own. The loop, DeepSpeed, checkpoints, exact resume and W&B are
 pretraining's, through `raylm.training.pretrain.run_training(..., kind="finetune")`.
@@ -34,12 +36,8 @@ from raylm.training.config import (
     draft_train_config,
     recipe_names,
 )
-from raylm.training.row_source import ArrayRows
-from raylm.training.sft_data import (
-    SftDataConfig,
-    SftRows,
-    build_sft_rows,
-)
+from raylm.training.row_source import ParquetRows, first_rows
+from raylm.training.sft_data import SftDataConfig, chat_dataset_for_run
 
 DEFAULT_PROMPTS = [
     "What does `json.dumps` do?",
@@ -83,12 +81,12 @@ def eval_device():
     return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
 
 
-def heldout_loss(model_dir: str | Path, rows: list[dict], batch: int) -> float | None:
+def heldout_loss(model_dir: str | Path, rows: dict | None, batch: int) -> float | None:
     """Mean loss per trained token of a model dir over the val rows (None when there are none)."""
-    import numpy as np
     import torch
 
     from raylm.model.model_dir import load_model_dir
+    from raylm.training.data_order import micro_batches
     from raylm.training.losses import next_token_loss
 
     if not rows:
@@ -97,10 +95,8 @@ def heldout_loss(model_dir: str | Path, rows: list[dict], batch: int) -> float |
     model, _ = load_model_dir(model_dir, device=device, dtype=dtype)
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            micro = {name: torch.from_numpy(np.stack([r[name] for r in chunk])).to(device) for name in chunk[0]}
-            micro["input_ids"] = micro["input_ids"].long()
+        for start in range(0, len(rows["input_ids"]), batch):
+            micro = micro_batches({name: array[start : start + batch] for name, array in rows.items()}, batch, 1, device)[0]
             loss_sum, n = next_token_loss(model, micro)
             total, count = total + float(loss_sum), count + int(n)
     return total / max(count, 1)
@@ -114,9 +110,9 @@ def answers(model_dir: str | Path, prompts: list[str], max_tokens: int) -> list[
     return generate_texts(str(model_dir), prompts, max_tokens=max_tokens, temperature=0.0, chat=True)
 
 
-def evaluate(model_dir: str | Path, val: SftRows, cfg: FinetuneConfig) -> dict[str, Any]:
+def evaluate(model_dir: str | Path, val_rows: dict | None, cfg: FinetuneConfig) -> dict[str, Any]:
     return {
-        "val_loss": heldout_loss(model_dir, val.rows[: cfg.eval_max_rows], cfg.eval_batch),
+        "val_loss": heldout_loss(model_dir, val_rows, cfg.eval_batch),
         "answers": answers(model_dir, cfg.eval_prompts, cfg.eval_max_tokens),
     }
 
@@ -137,35 +133,53 @@ def report_sections(before: dict, after: dict, stats: dict, settings: dict) -> d
     return {"Fine-tuning evaluation (held-out chat records)": evaluation, "Chat data": data, "Fine-tuning settings": settings}
 
 
+def data_stats(manifest: dict) -> dict[str, Any]:
+    """The chat dataset's counts, as finetune.json and the report show them."""
+    return {
+        "records": manifest["records"],
+        "skipped_lines": manifest["skipped_lines"],
+        "skipped_examples": manifest["skipped_examples"],
+        **{split: {k: v for k, v in manifest["splits"][split].items() if k not in ("shards", "sequences")} for split in ("train", "val")},
+    }
+
+
 def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str | None = None):
-    """Fine-tune `base` on the chat file `data` into the run dir `out`; returns run_training's result."""
+    """Fine-tune `base` on `data` (a chat dataset dir, or chat JSONL records) into the run dir `out`;
+    returns run_training's result."""
     from raylm.core.ray_cluster import init_ray
-    from raylm.training.pretrain import run_training
+    from raylm.data.chat_dataset import shard_paths
+    from raylm.training.pretrain import check_writable, run_training
     from raylm.training.report import write_report
 
-    sft = build_sft_rows(data, base, cfg.data.seq_len, cfg.sft)
-    print(f"finetune: {sft['stats']['train']['rows']} train rows, {sft['stats']['val']['rows']} val rows "
-          f"({sft['stats']['train']['truncated']} truncated, {sum(sft['stats']['skipped_lines'].values())} bad lines skipped)")
-    before = evaluate(base, sft["val"], cfg)
+    run_dir = Path(out).expanduser().resolve()
+    check_writable(run_dir)
     init_ray(address)
+    data_dir, manifest = chat_dataset_for_run(data, base, cfg.data.seq_len, cfg.sft, run_dir, address)
+    stats = data_stats(manifest)
+    train = ParquetRows(shard_paths(data_dir, manifest, "train"))
+    val = ParquetRows(shard_paths(data_dir, manifest, "val")) if manifest["splits"]["val"]["rows"] else None
+    print(f"finetune: {stats['train']['rows']} train rows, {stats['val']['rows']} val rows from {data_dir} "
+          f"({stats['train']['truncated'] + stats['val']['truncated']} truncated, {sum(stats['skipped_lines'].values())} bad lines skipped)")
+    val_rows = first_rows(val, cfg.eval_max_rows) if val is not None else None
+    before = evaluate(base, val_rows, cfg)
     result = run_training(
         train_config(cfg),
-        train=ArrayRows.from_records(sft["train"].rows),
-        val=ArrayRows.from_records(sft["val"].rows) if sft["val"].rows else None,
+        train=train,
+        val=val,
         tokenizer_dir=base,
         out=out,
         init_model_dir=base,
         kind="finetune",
-        source={"base_model_dir": str(Path(base).resolve()), "chat_data": str(Path(data).resolve())},
+        source={"base_model_dir": str(Path(base).resolve()), "chat_data": str(Path(data).resolve()), "chat_dataset_dir": str(Path(data_dir).resolve())},
         write_run_report=False,  # written below, with the evaluation and the samples
     )
-    after = evaluate(result.model_dir, sft["val"], cfg)
+    after = evaluate(result.model_dir, val_rows, cfg)
     run_dir = Path(result.run_dir)
     summary = {"base": str(base), "data": str(data), "before": before, "after": after,
-               "prompts": cfg.eval_prompts, "settings": finetune_settings(cfg), "data_stats": sft["stats"]}
+               "prompts": cfg.eval_prompts, "settings": finetune_settings(cfg), "data_stats": stats}
     write_json_atomic(run_dir / "finetune.json", summary)
     samples = [{"prompt": p, "base": b, "fine-tuned": a} for p, b, a in zip(cfg.eval_prompts, before["answers"], after["answers"])]
-    write_report(run_dir, samples=samples, sections=report_sections(before, after, sft["stats"], summary["settings"]))
+    write_report(run_dir, samples=samples, sections=report_sections(before, after, stats, summary["settings"]))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"finetune: held-out loss {fmt(before['val_loss'])} -> {fmt(after['val_loss'])}; "
           f"model dir {result.model_dir}; report {run_dir / 'report.md'}")
@@ -177,7 +191,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     recipes = ", ".join(name for name in recipe_names() if name.startswith("sft-"))
     parser.add_argument("--config", required=True, help=f"a recipe name ({recipes}) or a YAML path; the settings below and key=value override it")
     parser.add_argument("--base", required=True, help="the starting model dir (Hugging Face Llama format; its tokenizer is used)")
-    parser.add_argument("--data", required=True, help="chat records, JSONL ({'messages': [...]} or {'prompt', 'response'})")
+    parser.add_argument("--data", required=True, help="a chat dataset dir (`raylm prepare-chat --tokenizer BASE`), or chat records: "
+                        "a JSONL file, dir or glob ({'messages': [...]} or {'prompt', 'response'})")
     parser.add_argument("--out", required=True, help="the run dir (checkpoints, metrics, report.md, model/)")
     parser.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     add_config_flags(parser, FinetuneConfig, FLAG_SHORTCUTS, note="a default shown applies where the recipe does not set the key")
@@ -216,6 +231,22 @@ def fit_to_base_context(draft: ConfigDraft, context: int, where: str) -> ConfigD
     return draft
 
 
+def fit_to_chat_dataset(draft: ConfigDraft, data: str, base: str) -> None:
+    """data.seq_len follows a chat dataset dir's rows unless the user set it (then they must agree)."""
+    from raylm.data.chat_dataset import is_chat_dataset, read_chat_dataset
+
+    if not is_chat_dataset(data):
+        return
+    seq_len = read_chat_dataset(data)["seq_len"]
+    if draft.user_set("data.seq_len") or seq_len == draft.value("data.seq_len"):
+        return  # a disagreement is named when the run checks the dir (sft_data.check_chat_dataset)
+    context = draft.value("model.max_seq_len")
+    if seq_len > context:
+        raise UserError(f"{data} holds rows of seq_len {seq_len}, past the base model's context of {context} tokens "
+                        f"({base}/config.json); rebuild it with `raylm prepare-chat --seq-len {context}` or less")
+    draft.adapt("data.seq_len", seq_len, "from the chat dataset's rows")
+
+
 def load_finetune_config(path: str, base: str, overrides: list[str | tuple[str, Any]]) -> FinetuneConfig:
     """`finetune_config(...).build()`: the validated FinetuneConfig."""
     return finetune_config(path, base, overrides).build()
@@ -224,6 +255,7 @@ def load_finetune_config(path: str, base: str, overrides: list[str | tuple[str, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     draft = finetune_config(args.config, args.base, [*args.overrides, *config_values(args).items()])
+    fit_to_chat_dataset(draft, args.data, args.base)
     cfg = draft.build()
     if draft.adapted:
         print(draft.adapted_line())

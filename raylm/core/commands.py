@@ -8,7 +8,7 @@ from __future__ import annotations
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("raylm.data.prepare", "corpus -> tokenizer + packed Parquet shards (a dataset dir)"),
-    "prepare-chat": ("raylm.data.chat_corpus", "write the embedded chat set (JSONL) for fine-tuning"),
+    "prepare-chat": ("raylm.data.chat_dataset", "chat records -> a chat dataset dir of packed SFT rows (or the embedded chat set as JSONL)"),
     "pretrain": ("raylm.training.pretrain", "train a model from scratch on a dataset dir"),
     "finetune": ("raylm.training.finetune", "chat SFT of a model dir on a chat JSONL"),
     "generate": ("raylm.inference.generate", "sample from a model dir locally"),
