@@ -497,3 +497,30 @@ def test_fp16_is_refused_on_cpu():
     with pytest.raises(UserError, match="fp16 needs GPUs"):
         resolve_precision("fp16", use_gpu=False)
     assert resolve_precision("auto", use_gpu=False) == "fp32" and resolve_precision("auto", use_gpu=True) == "bf16"
+
+
+def upload_dir(local: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    from raylm.core.storage import filesystem
+
+    fs, inner = filesystem(uri)
+    pafs.copy_files(str(local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def test_pretraining_reads_its_dataset_from_object_storage(dataset_dir, runs_root, zero2, s3_server, capsys):
+    """The dataset dir on an S3-compatible server: the workers read the same rows in the same order,
+    so the run ends with the very weights of the run on the local copy; the tokenizer reaches the model dir."""
+    from raylm.core.errors import UserError
+    from raylm.training.pretrain import main
+
+    remote = s3_server("datasets") + "/stdlib"
+    upload_dir(dataset_dir, remote)
+    out = pretrain(remote, runs_root / "from-s3", "deepspeed.zero_stage=2", "logging.wandb_mode=offline")
+    assert max_weight_diff(out, zero2) == 0.0
+    assert (out / "model" / "tokenizer.json").read_bytes() == (dataset_dir / "tokenizer" / "tokenizer.json").read_bytes()
+    assert json.loads((out / "run.json").read_text())["source"]["dataset_dir"] == remote
+    with pytest.raises(UserError, match="dataset dir 's3://datasets2/nothing-here' does not exist"):
+        main(["--config", "debug", "--data", s3_server("datasets2") + "/nothing-here", "--out", str(runs_root / "none")])
+    with pytest.raises(UserError, match="a run dir must be a local or mounted path"):
+        main(["--config", "debug", "--data", remote, "--out", s3_server("runs") + "/run"])

@@ -148,10 +148,10 @@ def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str |
     returns run_training's result."""
     from raylm.core.ray_cluster import init_ray
     from raylm.data.chat_dataset import shard_paths
-    from raylm.training.pretrain import check_writable, run_training
+    from raylm.training.pretrain import check_writable, local_run_dir, run_training
     from raylm.training.report import write_report
 
-    run_dir = Path(out).expanduser().resolve()
+    run_dir = local_run_dir(out)
     check_writable(run_dir)
     init_ray(address)
     data_dir, manifest = chat_dataset_for_run(data, base, cfg.data.seq_len, cfg.sft, run_dir, address)

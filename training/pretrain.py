@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from raylm.core import storage
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.config import to_dict
 from raylm.core.entry import run_main
@@ -155,7 +156,7 @@ def run_training(
     from raylm.training.loop import train_loop_per_worker
     from raylm.training.stop_request import StopOnSignal
 
-    run_dir = Path(out).expanduser().resolve()
+    run_dir = local_run_dir(out)
     if init_model_dir:
         from raylm.model.model_dir import read_model_config
 
@@ -182,7 +183,7 @@ def run_training(
     trainer = trainer_keeping_our_ctrl_c(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={
-            "config": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            "config": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_dir": storage.join(tokenizer_dir),
             "init_model_dir": str(Path(init_model_dir).resolve()) if init_model_dir else None,
             "use_gpu": use_gpu, "kind": kind, "eval_rows": eval_rows, "train_source": train,
         },
@@ -245,6 +246,15 @@ def trainer_keeping_our_ctrl_c(trainer_cls: type) -> type:
     return Trainer
 
 
+def local_run_dir(out: str) -> Path:
+    """The run dir as a local path: checkpoints, metrics and the model dir are written with local
+    file operations, so an object-store --out is refused here rather than half-written."""
+    if storage.is_uri(out):
+        raise UserError(f"--out {out!r}: a run dir must be a local or mounted path (on a cluster, a filesystem every node "
+                        "mounts); datasets may be read from object storage, run dirs are not yet written there")
+    return Path(out).expanduser().resolve()
+
+
 def check_writable(run_dir: Path) -> None:
     """A run dir that cannot be written is the user's to fix, said before any worker starts."""
     try:
@@ -295,7 +305,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raylm pretrain", description="Pretrain on a dataset dir with Ray Train + DeepSpeed ZeRO.")
     recipes = ", ".join(name for name in recipe_names() if not name.startswith("sft-"))
     parser.add_argument("--config", required=True, help=f"a recipe name ({recipes}) or a YAML path; the settings below and key=value override it")
-    parser.add_argument("--data", required=True, help="dataset dir written by `raylm prepare`")
+    parser.add_argument("--data", required=True, help="dataset dir written by `raylm prepare` (a path, or an s3://, gs:// URI)")
     parser.add_argument("--out", required=True, help="run dir; re-running the command resumes it")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
     add_config_flags(parser, TrainConfig, FLAG_SHORTCUTS, note="a default shown applies where the recipe does not set the key")
@@ -309,15 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     if draft.adapted:
         print(draft.adapted_line())
     manifest, train_paths, val_paths = dataset_splits(args.data)
-    check_writable(Path(args.out).expanduser().resolve())  # before a cluster starts
+    check_writable(local_run_dir(args.out))  # before a cluster starts
 
     from raylm.core.ray_cluster import init_ray
+    from raylm.data.dataset_dir import tokenizer_dir
 
     init_ray(args.address)
     result = run_training(
         cfg, train=ParquetRows(train_paths), val=ParquetRows(val_paths) if val_paths else None,
-        tokenizer_dir=str(Path(args.data) / "tokenizer"), out=args.out,
-        source={"dataset_dir": str(Path(args.data).resolve()), "manifest_source": manifest.get("source")},
+        tokenizer_dir=tokenizer_dir(args.data), out=args.out,
+        source={"dataset_dir": storage.join(args.data), "manifest_source": manifest.get("source")},
     )
     print(summary_line(result.summary, result.model_dir))
     return 0

@@ -25,6 +25,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from raylm.core import storage
 from raylm.core.config import from_dict
 from raylm.model.model_dir import save_model_dir
 from raylm.model.transformer import flops_per_token
@@ -319,7 +320,8 @@ class Trainer:
         weights = checkpoint.full_state_dict(self.engine, self.zero_stage, self.rank)
         if self.rank == 0:
             source = {"kind": self.kind, "step": self.state.step, "run_dir": str(self.run_dir)}
-            save_model_dir(target, weights, self.cfg.model, self.loop_config["tokenizer_dir"], source=source)
+            tokenizer = storage.local_dir(self.loop_config["tokenizer_dir"])  # a dataset on object storage: copied here
+            save_model_dir(target, weights, self.cfg.model, tokenizer, source=source)
 
     def finish(self) -> None:
         """The model dir of the run (not of one stopped on request: it is not done), and the tracker closed."""
