@@ -22,6 +22,7 @@ from raylm.inference.engine import (
 from raylm.inference.sampling import (
     SamplingParams,
     apply_penalties,
+    choice_seed,
     choose_token,
     filter_top_k_top_p,
     new_generator,
@@ -110,8 +111,8 @@ def test_engine_loop_streams_requests_and_cancels_one_left_early(engine):
     loop = EngineLoop(engine)
 
     async def consume() -> list:
-        outputs = [out async for batch in loop.stream(ids, greedy(12, ignore_eos=True)) for out in batch]
-        abandoned = loop.stream(ids, greedy(200, ignore_eos=True))
+        outputs = [out async for batch in loop.stream([(ids, greedy(12, ignore_eos=True))]) for _, out in batch]
+        abandoned = loop.stream([(ids, greedy(200, ignore_eos=True))])
         await abandoned.__anext__()
         await abandoned.aclose()  # as when a client disconnects
         return outputs
@@ -148,7 +149,7 @@ def test_engine_loop_fails_every_request_at_once_and_stops_when_a_step_raises(en
 
     async def run() -> tuple[list, float]:
         async def consume(max_tokens: int) -> list:
-            return [out async for batch in loop.stream(ids, greedy(max_tokens, ignore_eos=True)) for out in batch]
+            return [out async for batch in loop.stream([(ids, greedy(max_tokens, ignore_eos=True))]) for _, out in batch]
 
         streams = [asyncio.create_task(consume(200)) for _ in range(3)]
         while engine.counters.generated_tokens == 0 or len(engine.free_slots) > free_before - 3:
@@ -169,7 +170,7 @@ def test_engine_loop_fails_every_request_at_once_and_stops_when_a_step_raises(en
             time.sleep(0.01)
         assert not loop.alive() and isinstance(loop.failure, RuntimeError)
         with pytest.raises(EngineFailed, match="injected fault"):
-            asyncio.run(anext(loop.stream(ids, greedy(4))))
+            asyncio.run(anext(loop.stream([(ids, greedy(4))])))
         assert engine.counters.requests_failed == failed_before + 4
         assert len(engine.free_slots) == free_before and not engine.has_work()
     finally:
@@ -231,6 +232,43 @@ def test_logprobs_are_reported_per_token(engine):
         assert len(c.top) == 3 and c.top[0][0] == c.token and c.logprob == pytest.approx(c.top[0][1]) and c.logprob <= 0
 
 
+def test_prompt_logprobs_score_every_prompt_token_and_max_tokens_0_generates_nothing(engine):
+    ids = engine.encode_prompt(PROMPTS[2])
+    outputs = []
+    seq = engine.submit(ids, greedy(0, logprobs=2, prompt_logprobs=2), outputs.append)
+    while engine.has_work():
+        engine.step()
+    assert seq.output_ids == [] and [out.finish_reason for out in outputs] == ["length"]
+    scored = outputs[0].prompt_logprobs
+    with torch.inference_mode():
+        expected = engine.model(torch.tensor([ids]))[0].log_softmax(-1)  # [T, vocab], no cache
+    assert [c.token for c in scored] == ids[1:]
+    for position, choice in enumerate(scored):
+        assert choice.logprob == pytest.approx(float(expected[position, ids[position + 1]]), abs=1e-4)
+        assert [t for t, _ in choice.top] == expected[position].topk(2).indices.tolist()
+        assert (choice.top[0][0] == choice.token) == (choice.top[0][1] == choice.logprob)  # one log-softmax: exact equality
+    together = engine.generate([ids, ids], [greedy(3, prompt_logprobs=0), greedy(3)])  # scoring changes nothing generated
+    assert together[0] == together[1] == engine.generate([ids], greedy(3))[0]
+
+
+def test_a_prompts_choices_share_its_prefill_and_sample_from_their_own_seeds(engine, monkeypatch):
+    ids = engine.encode_prompt(PROMPTS[3])
+    params = [SamplingParams(max_tokens=10, temperature=1.0, seed=choice_seed(42, j)) for j in range(3)]
+    forward, rows = engine.runner.forward, []
+
+    def counting_forward(tokens, positions, seqs):
+        rows.append(tokens.shape)
+        return forward(tokens, positions, seqs)
+
+    monkeypatch.setattr(engine.runner, "forward", counting_forward)
+    together = engine.generate([ids] * 3, params)
+    assert rows[0] == (1, len(ids)) and rows[1] == (3, 1)  # one prefill row for the three, then three decode rows
+    monkeypatch.undo()
+    assert together == [engine.generate([ids], p)[0] for p in params]
+    assert len({tuple(out_ids) for _, out_ids, _ in together}) == 3
+    assert choice_seed(42, 0) == 42 and choice_seed(None, 3) is None and 0 <= choice_seed(-5, 1) < 2**64
+
+
 def test_stream_decodes_incrementally_and_cuts_at_stop_strings(engine):
     text = "def add(a, b):\n    return a + b\n"
     ids = engine.tokenizer.encode(text).ids
@@ -251,6 +289,17 @@ def test_stream_decodes_incrementally_and_cuts_at_stop_strings(engine):
             break
     pieces.append(stream.delta(final=True))
     assert stream.stopped and "".join(pieces) == "def add(a, b):\n    "
+
+
+@pytest.mark.parametrize("extreme", [
+    {"temperature": 5e-324}, {"temperature": 1e-300, "top_k": 1}, {"top_p": 5e-324}, {"top_p": 1e-300, "temperature": 2.0},
+])
+def test_extreme_but_valid_sampling_values_sample_without_nan(engine, extreme):
+    """Found by the schema fuzzer: a temperature that overflows fp32 logits to inf, or a top_p that
+    rounds to 0, made the draw NaN, which failed the step and with it the engine. Both are greedy."""
+    ids = engine.encode_prompt(PROMPTS[0])
+    _, out_ids, _ = engine.generate([ids], SamplingParams(max_tokens=4, seed=1, ignore_eos=True, **extreme))[0]
+    assert out_ids == engine.generate([ids], greedy(4, ignore_eos=True))[0][1]
 
 
 def test_penalties_and_filters():

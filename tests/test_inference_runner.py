@@ -38,10 +38,10 @@ def test_prefill_and_decode_logits_equal_a_full_forward(runner):
     runner.prefill(stale)
     prompts = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (5, 17, 1)]
     seqs = [sequence(ids, slot) for ids, slot in zip(prompts, (2, 3, 0))]
-    logits = runner.prefill(seqs)
-    assert logits.shape == (3, vocab)
+    logits, rows = runner.prefill(seqs)
+    assert logits.shape == (3, 17, vocab) and rows == [0, 1, 2]
     for row, seq in enumerate(seqs):
-        torch.testing.assert_close(logits[row], full_forward_last(runner, seq.prompt_ids), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[row, len(seq.prompt_ids) - 1], full_forward_last(runner, seq.prompt_ids), atol=1e-4, rtol=1e-4)
     for step in range(4):
         for seq in seqs:  # any tokens will do: greedy ones would not exercise anything more
             seq.output_ids.append(int(torch.randint(0, vocab, (1,), generator=generator)))
@@ -49,6 +49,24 @@ def test_prefill_and_decode_logits_equal_a_full_forward(runner):
         logits = runner.decode(batch)
         assert logits.shape == (3, vocab)
         for row, seq in enumerate(batch):
+            torch.testing.assert_close(logits[row], full_forward_last(runner, seq.prompt_ids + seq.output_ids), atol=1e-4, rtol=1e-4)
+
+
+def test_sequences_with_one_prompt_prefill_once_and_decode_apart(runner):
+    """A request's n choices: one forward row for their prompt, whose keys and values each slot then
+    holds, so each one decodes its own tokens as if it had been prefilled alone."""
+    vocab = runner.model_config.vocab_size
+    generator = torch.Generator().manual_seed(1)
+    shared = torch.randint(0, vocab, (9,), generator=generator).tolist()
+    runner.prefill([sequence(torch.randint(0, vocab, (30,), generator=generator).tolist(), slot) for slot in (1, 3)])  # stale keys
+    seqs = [sequence(shared, 0), sequence([4, 5], 2), sequence(shared, 1), sequence(shared, 3)]
+    logits, rows = runner.prefill(seqs)
+    assert logits.shape == (2, 9, vocab) and rows == [0, 1, 0, 0]
+    for step in range(3):
+        for seq in seqs:
+            seq.output_ids.append(int(torch.randint(0, vocab, (1,), generator=generator)))
+        logits = runner.decode(seqs)
+        for row, seq in enumerate(seqs):
             torch.testing.assert_close(logits[row], full_forward_last(runner, seq.prompt_ids + seq.output_ids), atol=1e-4, rtol=1e-4)
 
 

@@ -19,8 +19,10 @@ def new_seq(tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = iter(range(10**9))
 
-    def make(prompt_len: int = 3) -> Sequence:
-        return Sequence(next(ids), [5] * prompt_len, SamplingParams(), lambda out: None, TextStream(tokenizer, []), new_generator(0))
+    def make(prompt_len: int = 3, prompt: list[int] | None = None) -> Sequence:
+        seq_id = next(ids)
+        prompt = prompt or [5] * (prompt_len - 1) + [seq_id % 250]  # distinct prompts unless given one
+        return Sequence(seq_id, prompt, SamplingParams(), lambda out: None, TextStream(tokenizer, []), new_generator(0))
 
     return make
 
@@ -61,6 +63,18 @@ def test_prefill_stays_within_the_padded_token_budget(new_seq, prompt_lens, admi
         scheduler.add(seq)
     assert scheduler.schedule().prefill == seqs[:admitted_first]
     assert scheduler.schedule().prefill == seqs[admitted_first:][:1]  # the next one waited for the next step
+
+
+def test_sequences_sharing_a_prompt_cost_the_prefill_budget_once(new_seq):
+    """A request's n choices share one prefill row, so they are admitted together where n copies
+    of the prompt would not fit the budget."""
+    scheduler = Scheduler(max_batch_size=8, max_prefill_tokens=12)
+    siblings = [new_seq(prompt=[7] * 6) for _ in range(4)]  # 4 x 6 = 24 padded tokens if each were a row
+    other, last = new_seq(6), new_seq(6)
+    for seq in [*siblings, other, last]:
+        scheduler.add(seq)
+    assert scheduler.schedule().prefill == [*siblings, other]  # two rows of 6: exactly the budget
+    assert scheduler.schedule().prefill == [last]
 
 
 def test_cancelled_requests_are_retired_waiting_or_running(new_seq):

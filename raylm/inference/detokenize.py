@@ -1,10 +1,15 @@
-"""Token ids -> text, as a stream: incremental detokenization and stop strings.
+"""Token ids -> text: as a stream (incremental detokenization and stop strings), and token by
+token for logprobs (each token's text and bytes, and where it starts in the decoded text).
 
 Only the `tokenizers` library is used, so serving needs no `transformers`.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+
+from tokenizers import decoders
 from tokenizers.decoders import DecodeStream
 
 
@@ -65,3 +70,59 @@ class TextStream:
         end = len(self.unsent) if final or self.stopped else max(0, len(self.unsent) - self.hold)
         out, self.unsent = self.unsent[:end], self.unsent[end:]
         return out
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte in a
+    token's name (bytes that print as themselves keep their character; the rest map to 256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return {chr(b if b in printable else next(shifted)): b for b in range(256)}
+
+
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece-style byte tokens
+
+
+class TokenTexts:
+    """How one token reads on its own, for logprobs: its bytes, and its text, which is
+    `bytes:\\xe2\\x82` (OpenAI's spelling) when its bytes are only part of a character: decoding such a
+    token alone would give U+FFFD, which is not what the model generated."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self.alphabet = byte_level_alphabet() if isinstance(tokenizer.decoder, decoders.ByteLevel) else None
+        self.bytes_of = functools.lru_cache(maxsize=1 << 16)(self.find_bytes)
+
+    def find_bytes(self, token: int) -> bytes:
+        if token in self.special:
+            return self.special[token].encode()
+        piece = self.tokenizer.id_to_token(token) or ""
+        if self.alphabet is not None and piece and all(c in self.alphabet for c in piece):
+            return bytes(self.alphabet[c] for c in piece)
+        if match := BYTE_FALLBACK.fullmatch(piece):
+            return bytes([int(match[1], 16)])
+        return self.tokenizer.decode([token], skip_special_tokens=False).encode()
+
+    def text(self, token: int) -> str:
+        raw = self.bytes_of(token)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class TextOffsets:
+    """Where each token of a sequence starts in its decoded text (characters): the `text_offset` of
+    OpenAI's completion logprobs. A token that ends inside a character starts where that character does."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool, start: int = 0):
+        self.tokenizer = tokenizer
+        self.decoder = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.length = start
+
+    def add(self, token: int) -> int:
+        offset = self.length
+        chunk = self.decoder.step(self.tokenizer, token)
+        self.length += len(chunk or "")
+        return offset

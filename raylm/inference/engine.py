@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from raylm.core.errors import UserError
 from raylm.inference.detokenize import TextStream
 from raylm.inference.output import OutputProcessor
@@ -237,11 +239,16 @@ class Engine:
                 log.exception("telling request %d that it failed did not work", seq.id)
 
     def prefill(self, seqs: list[Sequence]) -> None:
-        self.output.sample(seqs, self.runner.prefill(seqs))
+        logits, rows = self.runner.prefill(seqs)  # [P, T, vocab], each sequence's row
+        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=logits.device)
+        self.output.sample(seqs, logits[torch.tensor(rows, device=logits.device), last])
+        for seq, row in zip(seqs, rows):
+            if seq.params.prompt_logprobs is not None:
+                self.output.score_prompt(seq, logits[row])
         now = time.perf_counter()
         self.counters.ttft.extend(now - s.arrived for s in seqs)
         self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
-        self.counters.generated_tokens += len(seqs)
+        self.counters.generated_tokens += sum(len(s.output_ids) for s in seqs)
 
     def decode(self, seqs: list[Sequence]) -> None:
         started = time.perf_counter()
@@ -353,36 +360,44 @@ class EngineLoop:
         self.wakeup.set()
         self.thread.join(timeout=10)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[Output], None]) -> Sequence:
+    def submit(self, requests: list[tuple[list[int], SamplingParams]], on_output: Callable[[int, Output], None]) -> list[Sequence]:
+        """Queue the requests together (all or none); `on_output(i, output)` hears the i-th's outputs."""
         with self.submit_lock:
             if self.failure is not None:
                 raise EngineFailed(f"the engine stopped after a failed step ({type(self.failure).__name__}: {self.failure})")
-            seq = self.engine.submit(prompt_ids, params, on_output)
+            for prompt_ids, params in requests:
+                self.engine.check_request(prompt_ids, params)
+            # Queued back to back, a request's choices are admitted in the same step where slots allow,
+            # and then share their prompt's prefill.
+            seqs = [self.engine.submit(ids, params, lambda out, i=i: on_output(i, out)) for i, (ids, params) in enumerate(requests)]
         self.wakeup.set()
-        return seq
+        return seqs
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, min_interval_s: float = 0.0) -> AsyncIterator[list[Output]]:
-        """Yield the request's outputs as they come, several at once when the consumer falls behind.
+    async def stream(self, requests: list[tuple[list[int], SamplingParams]], min_interval_s: float = 0.0) -> AsyncIterator[list[tuple[int, Output]]]:
+        """Yield (request index, output) pairs as they come, several at once when the consumer falls
+        behind, until every request has finished.
 
         With `min_interval_s`, batches after the first are at least that far apart: fewer, larger
         writes when many streams share a replica (each write is a message through Serve's proxy).
-        Leaving the iteration early (a client that disconnected) cancels the request, which frees
-        its cache slot at the next step.
+        Leaving the iteration early (a client that disconnected) cancels the unfinished requests,
+        which frees their cache slots at the next step.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Output] = asyncio.Queue()
-        seq = self.submit(prompt_ids, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        seqs = self.submit(requests, lambda i, out: loop.call_soon_threadsafe(queue.put_nowait, (i, out)))
+        unfinished = len(seqs)
         try:
-            while True:
+            while unfinished:
                 batch = [await queue.get()]
                 while not queue.empty():
                     batch.append(queue.get_nowait())
+                unfinished -= sum(out.finish_reason is not None for _, out in batch)
                 yield batch
-                if batch[-1].finish_reason is not None:
-                    return
-                if min_interval_s > 0:
+                if unfinished and min_interval_s > 0:
                     await asyncio.sleep(min_interval_s)
         finally:
-            if seq.finish_reason is None:
-                self.engine.cancel(seq)
+            if any(seq.finish_reason is None for seq in seqs):
+                for seq in seqs:
+                    if seq.finish_reason is None:
+                        self.engine.cancel(seq)
                 self.wakeup.set()

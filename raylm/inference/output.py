@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from raylm.inference.sampling import SamplingParams, TokenChoice, choose_token
+from raylm.inference.sampling import (
+    SamplingParams,
+    TokenChoice,
+    choose_token,
+    is_greedy,
+    score_prompt,
+)
 from raylm.inference.sequence import LENGTH, STOP, Output, Sequence
 
 
 def is_plain_greedy(params: SamplingParams) -> bool:
     return (
-        params.temperature == 0.0
+        is_greedy(params)
         and params.logprobs is None
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
@@ -34,8 +40,15 @@ class OutputProcessor:
         plain = [is_plain_greedy(seq.params) for seq in seqs]
         rows = logits.float().cpu() if not all(plain) else None  # the full logits cross to the CPU only when needed
         for row, seq in enumerate(seqs):
+            if seq.params.max_tokens == 0:  # the prompt alone was asked for (echo, scoring)
+                seq.finish_reason = LENGTH
+                continue
             choice = TokenChoice(greedy[row]) if plain[row] else choose_token(rows[row], seq.counts, seq.params, seq.generator)
             self.append_token(seq, choice)
+
+    def score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Keep the prompt's scores for the sequence's first output, from its prefill's logits [T, vocab]."""
+        seq.prompt_choices = score_prompt(logits, seq.prompt_ids, seq.params.prompt_logprobs)
 
     def append_token(self, seq: Sequence, choice: TokenChoice) -> None:
         seq.output_ids.append(choice.token)
@@ -63,6 +76,7 @@ class OutputProcessor:
             finish_reason=seq.finish_reason,
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
+            prompt_logprobs=seq.prompt_choices,
         )
-        seq.new_choices, seq.emitted_tokens = [], len(seq.output_ids)
-        return output if output.text or output.token_ids or finished else None
+        seq.new_choices, seq.emitted_tokens, seq.prompt_choices = [], len(seq.output_ids), None
+        return output if output.text or output.token_ids or output.prompt_logprobs is not None or finished else None

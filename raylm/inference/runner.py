@@ -1,8 +1,9 @@
 """The model runner: the model, its device and dtype, and its KV cache; forwards for the engine.
 
-`prefill(seqs)` runs the sequences' prompts into their cache slots and `decode(seqs)` their last
-tokens; both return next-token logits, one row per sequence. Building the padded token and
-position tensors and binding the cache slots happens here; choosing tokens and text do not.
+`prefill(seqs)` runs the sequences' prompts into their cache slots (once per distinct prompt) and
+returns the logits at every prompt position; `decode(seqs)` runs their last tokens and returns
+next-token logits, one row per sequence. Building the padded token and position tensors and
+binding the cache slots happens here; choosing tokens and text do not.
 """
 
 from __future__ import annotations
@@ -40,20 +41,34 @@ class ModelRunner:
         self.cache = KVCache(self.model_config, max_batch_size, self.max_len, self.device, self.dtype)
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits [B, vocab] after each sequence's last prompt token, the prompts now in their slots.
+    def prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+        """Run the sequences' prompts into their slots: logits [P, T, vocab] at every position of
+        each distinct prompt (P of them, right-padded to the longest, T), and each sequence's row.
 
-        Prompts are right-padded to the longest: padding writes cache positions past a prompt's
-        end, which that sequence's decode steps overwrite before any query can attend to them.
+        Sequences with the same prompt (the `n` choices of a request) share one row: the forward
+        runs once, and its keys and values are copied into the other sequences' slots. Padding
+        writes cache positions past a prompt's end, which that sequence's decode steps overwrite
+        before any query can attend to them.
         """
-        longest = max(len(s.prompt_ids) for s in seqs)
-        tokens = torch.zeros(len(seqs), longest, dtype=torch.long)  # [B, T]
-        for row, seq in enumerate(seqs):
+        firsts: dict[tuple, int] = {}  # prompt -> its row
+        rows = [firsts.setdefault(seq.prompt_key, len(firsts)) for seq in seqs]
+        distinct = [seqs[rows.index(row)] for row in range(len(firsts))]
+        longest = max(len(s.prompt_ids) for s in distinct)
+        tokens = torch.zeros(len(distinct), longest, dtype=torch.long)  # [P, T]
+        for row, seq in enumerate(distinct):
             tokens[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
-        positions = torch.arange(longest).expand(len(seqs), longest)  # [B, T]
-        logits = self.forward(tokens, positions, seqs)  # [B, T, vocab]
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=logits.device)  # [B]
-        return logits[torch.arange(len(seqs), device=logits.device), last]
+        positions = torch.arange(longest).expand(len(distinct), longest)  # [P, T]
+        logits = self.forward(tokens, positions, distinct)  # [P, T, vocab]
+        for seq, row in zip(seqs, rows):
+            if seq is not distinct[row]:
+                self.copy_prompt(distinct[row], seq)
+        return logits, rows
+
+    def copy_prompt(self, source: Sequence, target: Sequence) -> None:
+        """The keys and values of `source`'s prompt into `target`'s slot (the same prompt)."""
+        length = len(source.prompt_ids)
+        for store in (self.cache.k, self.cache.v):  # [layers, slots, kv heads, positions, head dim]
+            store[:, target.slot, :, :length] = store[:, source.slot, :, :length]
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:

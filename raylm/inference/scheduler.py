@@ -66,12 +66,17 @@ class Scheduler:
     def admit(self) -> list[Sequence]:
         """Waiting sequences, in arrival order, that get a slot and fit this step's prefill budget."""
         admitted: list[Sequence] = []
+        prompts: set[tuple] = set()  # distinct prompts admitted: the runner prefills each once
+        longest = 0
         with self.lock:
             while self.waiting and self.free_slots:
-                longest = max([len(s.prompt_ids) for s in admitted] + [len(self.waiting[0].prompt_ids)])
-                # Prompts are right-padded to the longest; the first one always goes, however long.
-                if admitted and longest * (len(admitted) + 1) > self.max_prefill_tokens:
-                    break
+                head = self.waiting[0]
+                if head.prompt_key not in prompts:
+                    # Prompts are right-padded to the longest; the first one always goes, however long.
+                    if admitted and max(longest, len(head.prompt_ids)) * (len(prompts) + 1) > self.max_prefill_tokens:
+                        break
+                    prompts.add(head.prompt_key)
+                    longest = max(longest, len(head.prompt_ids))
                 seq = self.waiting.popleft()
                 seq.slot = self.free_slots.pop()
                 admitted.append(seq)

@@ -37,6 +37,7 @@ class Output:
     finish_reason: str | None  # None while running; else one of the reasons above
     prompt_tokens: int
     completion_tokens: int
+    prompt_logprobs: list[TokenChoice] | None = None  # the prompt's scores (`prompt_logprobs`), with the first output
 
 
 @dataclass(eq=False)  # a request is itself: identity, not field-by-field equality
@@ -52,9 +53,13 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)  # generated token -> times, for penalties
     new_choices: list[TokenChoice] = field(default_factory=list)  # logprobs not handed out yet
+    prompt_choices: list[TokenChoice] | None = None  # the prompt's scores, until handed out
     emitted_tokens: int = 0  # output tokens already handed out
     finish_reason: str | None = None
     cancelled: bool = False  # set from any thread; the scheduler retires it at the next step
+
+    def __post_init__(self) -> None:
+        self.prompt_key = tuple(self.prompt_ids)  # sequences with equal keys share one prefill (a request's n choices)
 
     @property
     def length(self) -> int:
