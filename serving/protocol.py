@@ -15,7 +15,9 @@ import uuid
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 
+from raylm.inference.detokenize import TextOffsets, TokenTexts
 from raylm.inference.sampling import SamplingParams, TokenChoice
 
 
@@ -39,11 +41,17 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300  # tokens in logit_bias, as OpenAI allows
 MAX_NAME_CHARS = 256  # model, user, a message's name
 MAX_MESSAGES = 1024
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 256  # prompts in one completions request (lm-eval sends its batch as one list)
+MAX_CHOICES = 256  # prompts x n: the sequences one request may hold in the engine
 MAX_JSON_DEPTH = 32  # nesting of the body's objects and lists (a chat request needs 4)
 INT64 = (-(2**63), 2**63 - 1)  # the seed's range: OpenAI's, and what torch's generator takes
-TOKEN_ID = Annotated[int, Field(ge=0, le=2**31 - 1)]  # ids past the vocabulary are refused by the engine
+# Ids past the vocabulary are refused by the engine; the app's published schema narrows the bound to it.
+TOKEN_ID = Annotated[int, Field(ge=0, le=2**31 - 1, json_schema_extra={"x-token-id": True})]
 NAME = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 STOP_STRING = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+PROMPT_TEXT = Annotated[str, Field(min_length=1)]  # its length is bounded by the body's size and the context
+TOKEN_IDS = Annotated[list[TOKEN_ID], Field(min_length=1)]  # its length is bounded by the context (the engine)
 
 
 class StreamOptions(BaseModel):
@@ -60,7 +68,7 @@ class SamplingFields(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] = 0  # vLLM's extension; -1 or 0 = off
-    n: Literal[1] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1  # choices sampled independently from each prompt
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: STOP_STRING | Annotated[list[STOP_STRING], Field(max_length=MAX_STOP)] | None = None
@@ -74,10 +82,22 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] = 16
+    # Every form OpenAI's API takes: a string, token ids, a list of strings, a list of token-id lists.
+    prompt: (
+        PROMPT_TEXT
+        | TOKEN_IDS
+        | Annotated[list[PROMPT_TEXT], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[TOKEN_IDS], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    max_tokens: Annotated[int, Field(ge=0)] = 16  # 0 only with echo: the prompt scored, nothing generated
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: Literal[False] = False
+    echo: bool = False  # the prompt before the output, in the text and (with logprobs) in the logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or token ids: one per prompt of a list, else the one."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):
@@ -124,7 +144,7 @@ def field_name(loc: tuple) -> str:
 def telling_error(errors: list[dict]) -> dict:
     """The error to report: for a union (`stop` is a string or a list), the member whose type the
     value had and whose bound it broke, not the member it was never meant as."""
-    return next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+    return next((e for e in errors if not e["type"].endswith(("_type", "_parsing"))), errors[0])
 
 
 def nested_deeper_than(value, limit: int) -> bool:
@@ -172,8 +192,11 @@ def parse_request(cls: type[Request], body: bytes) -> Request:
 
 def sampling_params(req: Request, max_tokens: int) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    prompt_logprobs = None
     if isinstance(req, CompletionRequest):
         logprobs = req.logprobs
+        if req.echo:
+            prompt_logprobs = logprobs
     else:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return SamplingParams(
@@ -189,10 +212,149 @@ def sampling_params(req: Request, max_tokens: int) -> SamplingParams:
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
 # ---- responses ------------------------------------------------------------------------------------
+# The models document the bodies in the published OpenAPI schema; the functions below build them.
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class LegacyLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None
+    finish_reason: FinishReason
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TokenLogprob):
+    top_logprobs: list[TokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+SCHEMA_MODELS = [
+    (CompletionRequest, "validation"), (ChatRequest, "validation"), (ErrorResponse, "serialization"),
+    (CompletionResponse, "serialization"), (ChatCompletionResponse, "serialization"), (ModelList, "serialization"),
+    (Health, "serialization"),
+]
+
+
+def schema_components(model_name: str, vocab_size: int, max_len: int) -> dict:
+    """The request and response models as OpenAPI components, with this server's own bounds: the
+    model's name, token ids inside its vocabulary, token-id prompts and max_tokens within its context."""
+    _, top = models_json_schema(SCHEMA_MODELS, ref_template="#/components/schemas/{model}")
+    components = top["$defs"]
+
+    def narrow(node):
+        if isinstance(node, dict):
+            if node.pop("x-token-id", False):
+                node["maximum"] = vocab_size - 1
+            for child in node.values():
+                narrow(child)
+        elif isinstance(node, list):
+            for child in node:
+                narrow(child)
+
+    narrow(components)
+    for name in ("CompletionRequest", "ChatRequest"):
+        fields = components[name]["properties"]
+        fields["model"]["enum"] = [model_name]
+        for key in ("max_tokens", "max_completion_tokens"):
+            for bound in [fields[key], *fields[key].get("anyOf", [])] if key in fields else []:
+                if bound.get("type") == "integer":
+                    bound["maximum"] = max_len - 1  # the prompt holds at least one token
+        # logit_bias keys are token ids written as JSON strings.
+        next(b for b in fields["logit_bias"]["anyOf"] if b.get("type") == "object")["propertyNames"] = {"pattern": r"^(0|[1-9][0-9]{0,9})$"}
+    for member in components["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
+        items = member.get("items", {})
+        if items.get("type") == "integer":
+            member["maxItems"] = max_len - 1  # a prompt must leave room for a generated token
+        elif items.get("type") == "array":
+            items["maxItems"] = max_len - 1
+    return components
 
 
 def new_id(prefix: str) -> str:
@@ -203,47 +365,79 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(choices: list[TokenChoice], decode) -> dict:
-    return {
-        "tokens": [decode(c.token) for c in choices],
-        "token_logprobs": [c.logprob for c in choices],
-        "top_logprobs": [{decode(t): lp for t, lp in (c.top or [])} for c in choices],
-    }
+class CompletionLogprobs:
+    """One choice's `logprobs` in the legacy completions shape, built as its tokens come:
+    `tokens` (each token's text), `token_logprobs`, `top_logprobs` ({text: logprob}) and
+    `text_offset` (where each token starts in the choice's text, which starts with the prompt's
+    when echoed). Each `add_*` returns the part for the tokens it is given (a stream's chunk);
+    `total` holds them all."""
+
+    def __init__(self, texts: TokenTexts, output_start: int):
+        self.texts = texts
+        self.output_offsets = TextOffsets(texts.tokenizer, skip_special_tokens=True, start=output_start)  # as the output's text
+        self.total: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add_prompt(self, prompt_ids: list[int], scored: list[TokenChoice]) -> dict:
+        """The echoed prompt: its first token has None for both logprobs (nothing before it scores
+        it), the others their scores (`scored`, one per token after the first)."""
+        offsets = TextOffsets(self.texts.tokenizer, skip_special_tokens=False)  # as the echoed text, special tokens and all
+        return self.extend(
+            [self.texts.text(t) for t in prompt_ids],
+            [None] + [c.logprob for c in scored],
+            [None] + [self.top(c) for c in scored],
+            [offsets.add(t) for t in prompt_ids],
+        )
+
+    def add(self, choices: list[TokenChoice]) -> dict:
+        return self.extend(
+            [self.texts.text(c.token) for c in choices],
+            [c.logprob for c in choices],
+            [self.top(c) for c in choices],
+            [self.output_offsets.add(c.token) for c in choices],
+        )
+
+    def top(self, choice: TokenChoice) -> dict:
+        return {self.texts.text(t): lp for t, lp in (choice.top or [])}
+
+    def extend(self, tokens: list, logprobs: list, tops: list, offsets: list) -> dict:
+        part = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+        for key, values in part.items():
+            self.total[key] += values
+        return part
 
 
-def chat_logprobs(choices: list[TokenChoice], decode) -> dict:
+def chat_logprobs(choices: list[TokenChoice], texts: TokenTexts) -> dict:
     def entry(token: int, logprob: float) -> dict:
-        text = decode(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": texts.text(token), "logprob": logprob, "bytes": list(texts.bytes_of(token))}
 
     return {"content": [{**entry(c.token, c.logprob), "top_logprobs": [entry(t, lp) for t, lp in (c.top or [])]} for c in choices]}
 
 
-def completion_body(rid: str, model: str, text: str, finish_reason: str | None, logprobs: dict | None, use: dict | None, chunk: bool) -> dict:
-    body = {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
+def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_body(rid: str, model: str, choices: list[dict], use: dict | None, chunk: bool) -> dict:
+    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
     if use is not None or not chunk:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str | None, finish_reason: str | None, logprobs: dict | None, use: dict | None, chunk: bool, first: bool = False) -> dict:
+def chat_choice(index: int, text: str | None, logprobs: dict | None, finish_reason: str | None, chunk: bool, first: bool = False) -> dict:
     if chunk:
         delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text is not None else {})
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_body(rid: str, model: str, choices: list[dict], use: dict | None, chunk: bool) -> dict:
     body = {
         "id": rid,
         "object": "chat.completion.chunk" if chunk else "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": choices,
     }
     if use is not None or not chunk:
         body["usage"] = use
