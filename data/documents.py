@@ -4,7 +4,12 @@ A file becomes documents by its extension: `.jsonl` one per line, `.json` one pe
 top-level list (or per line when the file is JSON Lines), `.parquet` one per row, anything else
 one per file (text). Each document is a row
 
-    {"source": "path[:line or #row]", "text": str | None, "skip": reason | None, "error": msg | None}
+    {"source": "path[:line or #row]", "order": int, "text": str | None, "skip": reason | None, "error": msg | None}
+
+`order` is the document's place in the corpus order (file index << 32 | position in the file, or
+the row of a Hugging Face dataset): every later step that must choose among documents (the one
+kept of duplicates) or lay them out (packing) sorts by it, so the output does not depend on how
+Ray schedules the tasks or cuts the blocks.
 
 Cleaning keeps bad *documents* countable and bad *input* loud:
 - skipped and counted by reason: `empty` (nothing but whitespace), `invalid_utf8` (text that is
@@ -33,8 +38,9 @@ TEXT_EXTENSIONS = (".txt", ".text", ".md", ".rst", ".py")
 CORPUS_EXTENSIONS = TEXT_EXTENSIONS + JSONL_EXTENSIONS + JSON_EXTENSIONS + PARQUET_EXTENSIONS
 
 DOCUMENT_SCHEMA = pa.schema(
-    [("source", pa.string()), ("text", pa.large_string()), ("skip", pa.string()), ("error", pa.string())]
+    [("source", pa.string()), ("order", pa.int64()), ("text", pa.large_string()), ("skip", pa.string()), ("error", pa.string())]
 )
+POSITION_BITS = 32  # order = file index << POSITION_BITS | the document's position in its file
 
 
 def document(source: str, text: str | None = None, skip: str | None = None, error: str | None = None) -> dict:
@@ -146,20 +152,22 @@ def file_documents(path: str, data: bytes, text_field: str, max_doc_bytes: int) 
 
 
 def parse_files(batch: pa.Table, text_field: str, max_doc_bytes: int, path_prefix: str = "") -> pa.Table:
-    """Ray Data UDF: rows {path, bytes} (read_binary_files) -> document rows.
+    """Ray Data UDF: rows {path, bytes, file_index} -> document rows.
 
     `path_prefix` turns a filesystem path back into what the user wrote (e.g. "s3://").
     """
     docs = []
-    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
-        docs.extend(file_documents(path_prefix + path, data, text_field, max_doc_bytes))
+    columns = (batch.column(name).to_pylist() for name in ("path", "bytes", "file_index"))
+    for path, data, file_index in zip(*columns):
+        for position, doc in enumerate(file_documents(path_prefix + path, data, text_field, max_doc_bytes)):
+            docs.append(doc | {"order": file_index << POSITION_BITS | position})
     return documents_table(docs)
 
 
 def parse_records(batch: pa.Table, text_field: str, max_doc_bytes: int, source_prefix: str) -> pa.Table:
     """Ray Data UDF: rows {row, <text_field>} (a Hugging Face dataset) -> document rows."""
     docs = [
-        record_document(f"{source_prefix}#{row}", {text_field: text}, text_field, max_doc_bytes)
+        record_document(f"{source_prefix}#{row}", {text_field: text}, text_field, max_doc_bytes) | {"order": row}
         for row, text in zip(batch.column("row").to_pylist(), batch.column(text_field).to_pylist())
     ]
     return documents_table(docs)

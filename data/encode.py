@@ -106,8 +106,8 @@ def redaction_column(placeholder: str) -> str:
 
 def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_chars: int = DEFAULT_CHUNK_CHARS,
                      redact: bool = False) -> pa.Table:
-    """Ray Data UDF: document rows -> {source, skip, error, hash, text_bytes, ids (+ separator),
-    redacted_* counts}. The hash is of the document as read, so the split does not move with redaction."""
+    """Ray Data UDF: document rows -> {order, skip, error, hash, ids (+ separator), redacted_* counts}.
+    The hash is of the document as read, so the split does not move with redaction."""
     tokenizer = cached_tokenizer(tokenizer_json)
     separator = tokenizer.token_to_id(ENDOFTEXT)
     originals = batch.column("text").to_pylist()
@@ -117,20 +117,17 @@ def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_
     encoded = encode_texts(tokenizer, [texts[i] for i in kept], chunk_chars)
     ids: list[np.ndarray | None] = [None] * len(texts)
     hashes: list[bytes | None] = [None] * len(texts)
-    sizes = [0] * len(texts)
     for i, doc_ids in zip(kept, encoded):
         doc_ids.append(separator)
         ids[i] = np.asarray(doc_ids, dtype=id_dtype)
         hashes[i] = content_hash(originals[i])
-        sizes[i] = len(originals[i].encode("utf-8"))
     value_type = pa.uint16() if id_dtype == "uint16" else pa.uint32()
     return pa.table(
         {
-            "source": batch.column("source"),
+            "order": batch.column("order"),
             "skip": pa.array(skips, type=pa.string()),
             "error": batch.column("error"),
             "hash": pa.array(hashes, type=pa.binary(16)),
-            "text_bytes": pa.array(sizes, type=pa.int64()),
             "ids": pa.array(ids, type=pa.large_list(value_type)),
             **{redaction_column(p): pa.array(n, type=pa.int32()) for p, n in counts.items()},
         }

@@ -5,6 +5,10 @@ consecutive, non-overlapping rows; a row may hold the end of one document and th
 next. What is left at the end (fewer than `seq_len + 1` ids) is the tail: it is dropped and
 counted, so tokens written + tail == tokens produced. Shards are written whole, in order, with
 fixed Parquet settings, so the same stream gives byte-identical files.
+
+`raylm prepare` runs one writer per split in each hash partition of the corpus, on the Ray
+workers (data/partition_pack.py); the partition's number is in its shards' names, so writers of
+different partitions never collide.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ ROW_GROUP_ROWS = 64
 
 
 class ShardWriter:
-    """Packs one split (train or val) into `<dir>/<split>/<split>-NNNNN.parquet`."""
+    """Packs one split (train or val) into `<dir>/<split>/<split>-NNNNN.parquet`, or
+    `<split>-PPPPP-NNNNN.parquet` for partition PPPPP."""
 
-    def __init__(self, root: Path, split: str, seq_len: int, dtype: str, rows_per_shard: int):
+    def __init__(self, root: Path, split: str, seq_len: int, dtype: str, rows_per_shard: int, partition: int | None = None):
         self.root = Path(root)
         self.split = split
+        self.stem = split if partition is None else f"{split}-{partition:05d}"
         self.row_len = seq_len + 1
         self.dtype = np.dtype(dtype)
         self.rows_per_shard = max(1, rows_per_shard)
@@ -55,7 +61,7 @@ class ShardWriter:
         self.pending_tokens = len(rest)
 
     def write_shard(self, rows: np.ndarray) -> None:
-        relative = f"{self.split}/{self.split}-{len(self.shards):05d}.parquet"
+        relative = f"{self.split}/{self.stem}-{len(self.shards):05d}.parquet"
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(rows_table(rows), path, compression="zstd", row_group_size=ROW_GROUP_ROWS)

@@ -1,12 +1,14 @@
 """`raylm prepare --source SRC --out DIR`: a corpus -> a dataset dir (tokenizer + packed shards).
 
-The pipeline: Ray Data reads and cleans documents and tokenizes them in parallel tasks (fused
-read -> parse -> encode, so no CPU waits on another stage); the driver consumes the encoded
-documents in corpus order (`preserve_order`), drops exact duplicates, assigns each document to
-train or val by its content hash, packs each split into rows of `seq_len + 1` ids and writes
-Parquet shards. Packing on the driver is cheap (it only concatenates arrays; tokenizing is the
-work) and makes the output independent of task scheduling: the same inputs give byte-identical
-shards.
+The pipeline runs on the Ray workers; the driver touches no token. Ray Data reads and cleans
+documents and tokenizes them in parallel tasks (fused read -> parse -> redact -> encode), then
+hash-partitions the encoded documents by content hash, and one task per partition drops exact
+duplicates (the first in corpus order is kept), assigns each document to train or val by its
+content hash, packs each split into rows of `seq_len + 1` ids and writes the partition's Parquet
+shards (data/partition_pack.py). The driver plans (tokenizer, partition count), gathers one small
+record per partition and writes the manifest. Every choice sorts by the documents' corpus order
+and the partitions depend only on content hashes, so the same inputs and settings give
+byte-identical shards whatever the scheduling.
 
 Everything is built in a hidden temporary dir next to `--out`, `manifest.json` last, and renamed
 into place at the end, so an interrupted run never leaves a dir that looks complete.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -23,18 +26,15 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow.compute as pc
-
 from raylm import __version__
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.config import from_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 from raylm.core.files import atomic_dir
-from raylm.core.redact import PLACEHOLDERS
 from raylm.data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
-from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents, redaction_column
-from raylm.data.pack import ShardWriter
+from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents
+from raylm.data.partition_pack import NO_ERROR, SPLITS, pack_on_workers
 from raylm.data.sources import Corpus, resolve_source
 from raylm.data.tokenizer import (
     load_tokenizer,
@@ -59,6 +59,7 @@ class PrepareConfig:
     redact: bool = True  # replace personal data and secrets with <EMAIL>, <SECRET>, ... (raylm/core/redact.py); drop documents mostly secrets
     max_doc_bytes: int = 4_000_000  # a larger single document is an error (likely a mistake in the source)
     shard_tokens: int = 4_194_304  # about this many tokens per Parquet shard
+    partition_bytes: int = 16_000_000  # input text per hash partition: one worker task dedups, packs and writes each; each drops its own tail
     chunk_chars: int = DEFAULT_CHUNK_CHARS  # documents are encoded in chunks of about this many characters
     overwrite: bool = False  # replace an existing dataset dir (otherwise a complete one is kept)
     address: str | None = None  # Ray cluster to join (default: RAY_ADDRESS, or start a local one)
@@ -70,7 +71,7 @@ class PrepareConfig:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_docs is not None and self.max_docs < 1:
             raise UserError(f"--max-docs must be at least 1, got {self.max_docs}")
-        for name in ("tokenizer_sample_bytes", "max_doc_bytes", "shard_tokens", "chunk_chars"):
+        for name in ("tokenizer_sample_bytes", "max_doc_bytes", "shard_tokens", "partition_bytes", "chunk_chars"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if "://" in self.out:
@@ -102,9 +103,14 @@ def existing_dataset(out: Path, overwrite: bool) -> dict | None:
 
 
 def in_corpus_order(dataset):
-    """Output blocks in input order whatever the task scheduling; our own progress bar only."""
+    """Output blocks in input order whatever the task scheduling (for the tokenizer's sample and
+    --max-docs, which take the corpus's first documents); Ray's progress bars in a terminal only."""
     dataset.context.execution_options.preserve_order = True
-    dataset.context.enable_progress_bars = False
+    return with_progress_bars(dataset)
+
+
+def with_progress_bars(dataset):
+    dataset.context.enable_progress_bars = sys.stderr.isatty()
     return dataset
 
 
@@ -141,42 +147,53 @@ def make_tokenizer(cfg: PrepareConfig, documents):
     return tokenizer, {"trained": {"vocab_size": cfg.vocab_size, "sample_documents": len(texts), "sample_chars": sum(map(len, texts))}}
 
 
-def progress_bar(total: int | None):
-    from tqdm import tqdm
+def plan_partitions(cfg: PrepareConfig, corpus: Corpus) -> int:
+    """Hash partitions of dedup + packing: one per `partition_bytes` of input (a --max-docs sample's
+    size estimated from the corpus's bytes per file). A function of the input and settings only, never
+    of the cluster, so that the shards are too."""
+    size = corpus.approx_bytes
+    if cfg.max_docs is not None:
+        size = min(size, cfg.max_docs * corpus.approx_bytes / max(corpus.files, 1))
+    return max(1, math.ceil(size / cfg.partition_bytes))
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None, file=sys.stderr)
 
-
-def pack_documents(encoded, writers: dict[str, ShardWriter], cfg: PrepareConfig, total_bytes: int | None) -> dict:
-    """Consume encoded documents in corpus order into the split writers; return document counts."""
-    val_cut = int(cfg.val_fraction * 2**64)
-    seen: set[bytes] = set()
-    read = 0
-    skipped: Counter[str] = Counter()
-    redacted: Counter[str] = Counter()
-    with progress_bar(total_bytes) as bar:
-        for batch in in_corpus_order(encoded).iter_batches(batch_format="pyarrow", batch_size=None):
-            raise_first_error(batch)
-            ids = batch.column("ids").combine_chunks()
-            offsets = ids.offsets.to_numpy()
-            values = ids.values.to_numpy(zero_copy_only=False)
-            for i, (skip, digest) in enumerate(zip(batch.column("skip").to_pylist(), batch.column("hash").to_pylist())):
-                read += 1
-                if skip is not None:
-                    skipped[skip] += 1
-                    continue
-                if cfg.dedup:
-                    if digest in seen:
-                        skipped["duplicate"] += 1
-                        continue
-                    seen.add(digest)
-                split = "val" if int.from_bytes(digest[:8], "big") < val_cut else "train"
-                writers[split].add(values[offsets[i] : offsets[i + 1]])
-            bar.update(sum(batch.column("text_bytes").to_pylist()))
-            for placeholder in PLACEHOLDERS:  # of every document read, kept or not
-                redacted[placeholder] += pc.sum(batch.column(redaction_column(placeholder))).as_py() or 0
+def gather_documents(records: list[dict], redact: bool) -> dict:
+    """The partitions' document counts summed; the first error in corpus order raised."""
+    order, message = min((tuple(record["error"]) for record in records), default=NO_ERROR)
+    if message is not None:
+        raise UserError(message)
+    read = sum(record["read"] for record in records)
+    skipped = sum((Counter(record["skipped"]) for record in records), Counter())
     counts = {"read": read, "kept": read - sum(skipped.values()), "skipped": dict(sorted(skipped.items()))}
-    return counts | ({"redacted": {p: redacted[p] for p in PLACEHOLDERS}} if cfg.redact else {})
+    if redact:
+        counts["redacted"] = {p: sum(record["redacted"][p] for record in records) for p in records[0]["redacted"]} if records else {}
+    return counts
+
+
+def gather_split(records: list[dict], split: str) -> dict:
+    """One split's manifest entry from the partitions' (in partition order): shards listed partition by partition."""
+    entries = [(record["partition"], record["splits"][split]) for record in records]
+    entry = {key: sum(part[key] for _, part in entries) for key in ("documents", "sequences", "tokens", "tail_tokens_dropped")}
+    entry["shards"] = [shard | {"partition": partition} for partition, part in entries for shard in part["shards"]]
+    return entry
+
+
+def gather_packing(records: list[dict], partitions: int, produced: int) -> dict:
+    """What each partition dropped as tail and who wrote it (a side record: not needed to read the data)."""
+    tail = sum(record["splits"][split]["tail_tokens_dropped"] for record in records for split in SPLITS)
+    return {
+        "partitions": partitions,
+        "tail_share": round(tail / max(produced, 1), 6),
+        "by_partition": [
+            {
+                "partition": record["partition"],
+                "documents_read": record["read"],
+                "tail_tokens_dropped": {split: record["splits"][split]["tail_tokens_dropped"] for split in SPLITS},
+                "written_by": record["writer"],
+            }
+            for record in records
+        ],
+    }
 
 
 def check_splits(cfg: PrepareConfig, documents: dict, splits: dict) -> None:
@@ -194,10 +211,12 @@ def check_splits(cfg: PrepareConfig, documents: dict, splits: dict) -> None:
             )
 
 
-def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer_info: dict, documents: dict, writers: dict[str, ShardWriter], seconds: float) -> dict:
-    splits = {split: writer.close() for split, writer in writers.items()}
+def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer_info: dict, dtype: str, records: list[dict],
+                   partitions: int, seconds: float) -> dict:
+    documents = gather_documents(records, cfg.redact)
+    splits = {split: gather_split(records, split) for split in SPLITS}
     check_splits(cfg, documents, splits)
-    produced = sum(writer.tokens_in for writer in writers.values())
+    produced = sum(record["splits"][split]["tokens_in"] for record in records for split in SPLITS)
     written = sum(entry["tokens"] for entry in splits.values())
     tail = sum(entry["tail_tokens_dropped"] for entry in splits.values())
     assert written + tail == produced, "packing lost tokens"
@@ -208,13 +227,14 @@ def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer
         "source": corpus.description,
         "seq_len": cfg.seq_len,
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "dtype": writers["train"].dtype.name,
+        "dtype": dtype,
         "tokenizer_sha256": tokenizer_sha,
         "tokenizer": tokenizer_info,
         "special_tokens": special_token_map(tokenizer),
         "documents": documents,
         "tokens": {"produced": produced, "separators": documents["kept"], "written": written, "tail_dropped": tail},
         "splits": splits,
+        "packing": gather_packing(records, partitions, produced),
         "settings": settings,
         "created_by": f"raylm prepare {__version__}",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -225,19 +245,19 @@ def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer
 def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float) -> dict:
     documents = corpus.documents(cfg.max_doc_bytes)
     if cfg.max_docs is not None:
-        documents = documents.limit(cfg.max_docs)
+        documents = in_corpus_order(documents).limit(cfg.max_docs)
     tokenizer, tokenizer_info = make_tokenizer(cfg, documents)
     dtype = "uint16" if tokenizer.get_vocab_size(with_added_tokens=True) <= 65536 else "uint32"
     tokenizer_sha = save_tokenizer(tokenizer, tmp / "tokenizer", cfg.seq_len)
-    encoded = documents.map_batches(
+    encoded = with_progress_bars(documents).map_batches(
         encode_documents,
         batch_format="pyarrow",
         fn_kwargs={"tokenizer_json": tokenizer.to_str(), "id_dtype": dtype, "chunk_chars": cfg.chunk_chars, "redact": cfg.redact},
     )
+    partitions = plan_partitions(cfg, corpus)
     rows_per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))
-    writers = {split: ShardWriter(tmp, split, cfg.seq_len, dtype, rows_per_shard) for split in ("train", "val")}
-    doc_counts = pack_documents(encoded, writers, cfg, None if cfg.max_docs else corpus.approx_bytes)
-    manifest = build_manifest(cfg, corpus, tokenizer, tokenizer_sha, tokenizer_info, doc_counts, writers, time.perf_counter() - started)
+    records = pack_on_workers(encoded, partitions, tmp, cfg.seq_len, dtype, rows_per_shard, cfg.val_fraction, cfg.dedup)
+    manifest = build_manifest(cfg, corpus, tokenizer, tokenizer_sha, tokenizer_info, dtype, records, partitions, time.perf_counter() - started)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -270,7 +290,8 @@ def summary(out: str, manifest: dict) -> str:
     return (
         f"prepared {out}: {docs['read']} documents read, {docs['kept']} kept (skipped: {skipped}); "
         + (f"redacted: {redacted}; " if "redacted" in docs else "") +
-        f"{tokens:,} tokens -> {train['sequences']:,} train + {val['sequences']:,} val rows of {manifest['seq_len'] + 1}; "
+        f"{tokens:,} tokens -> {train['sequences']:,} train + {val['sequences']:,} val rows of {manifest['seq_len'] + 1} "
+        f"({manifest['packing']['partitions']} partitions, {manifest['tokens']['tail_dropped']:,} tail tokens dropped); "
         f"{seconds:.1f} s, {tokens / max(seconds, 1e-9):,.0f} tokens/s"
     )
 

@@ -8,8 +8,8 @@ Sources:
 - local files, directories (recursive; files with a corpus extension) and globs;
 - `hf:NAME[:CONFIG][@SPLIT]`: `datasets.load_dataset` (or `load_from_disk` for a directory that
   `Dataset.save_to_disk` wrote); split defaults to `train`;
-- `s3://`, `gs://`, `file://` URIs: listed with pyarrow's filesystems and read by Ray Data's
-  `read_binary_files`.
+- `s3://`, `gs://`, `file://` URIs: listed with pyarrow's filesystems (on the driver) and read
+  through them by the Ray Data tasks, like local files.
 
 Order: files are ordered by the sha256 of their path relative to the source's root, a fixed
 shuffle that mixes the corpus (so shards and `--max-docs` samples are not one package after
@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 URI_SCHEMES = ("s3://", "gs://", "file://")
 HF_PREFIX = "hf:"
 BLOCK_BYTES = 4 << 20  # target text per Ray Data block for in-memory sources
+# Input per read task for file sources: large enough that the driver's cost per task (Ray Data's
+# executor runs in the driver) stays small against the task's work, small enough to spread a
+# corpus of tens of MB over a few workers.
+READ_BLOCK_BYTES = 2 << 20
 
 
 @dataclass
@@ -46,7 +50,8 @@ class Corpus:
     """A resolved `--source`: what it is and how to read it as document rows."""
 
     description: str  # what the manifest records as `source`
-    approx_bytes: int  # total input size, for progress
+    approx_bytes: int  # total input size, to plan the work
+    files: int  # files (or Hugging Face rows) it reads, to estimate the size of a --max-docs sample
     documents: Callable[[int], "ray.data.Dataset"]  # max_doc_bytes -> document rows, in corpus order
 
 
@@ -86,6 +91,8 @@ def stdlib_files() -> tuple[Path, list[Path]]:
 def stdlib_corpus() -> Corpus:
     import pydoc_data.topics
 
+    import pyarrow.fs as pafs
+
     root, files = stdlib_files()
     items = [{"path": str(path), "bytes": None, "key": path.relative_to(root).as_posix()} for path in files]
     items += [
@@ -94,40 +101,47 @@ def stdlib_corpus() -> Corpus:
     ]
     items = hash_order(items, key=lambda item: item["key"])
     approx = sum(os.path.getsize(item["path"]) if item["bytes"] is None else len(item["bytes"]) for item in items)
+    rows = [{"path": item["path"], "bytes": item["bytes"], "file_index": index} for index, item in enumerate(items)]
+    return Corpus(description="stdlib", approx_bytes=approx, files=len(rows),
+                  documents=file_rows_reader(rows, approx, pafs.LocalFileSystem(), "text", path_prefix=""))
+
+
+def file_rows_reader(rows: list[dict], approx_bytes: int, filesystem, text_field: str, path_prefix: str) -> Callable[[int], "ray.data.Dataset"]:
+    """max_doc_bytes -> the documents of `rows` ({path, bytes or None, file_index}), read on the workers."""
+    blocks = min(len(rows), max(1, math.ceil(approx_bytes / READ_BLOCK_BYTES)))
 
     def build(max_doc_bytes: int):
         import ray.data
 
-        rows = [{"path": item["path"], "bytes": item["bytes"]} for item in items]
-        return ray.data.from_items(rows).map_batches(
-            read_then_parse, batch_format="pyarrow", fn_kwargs={"max_doc_bytes": max_doc_bytes}
-        )
+        kwargs = {"filesystem": filesystem, "text_field": text_field, "max_doc_bytes": max_doc_bytes, "path_prefix": path_prefix}
+        return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(read_then_parse, batch_format="pyarrow", fn_kwargs=kwargs)
 
-    return Corpus(description="stdlib", approx_bytes=approx, documents=build)
+    return build
 
 
-def read_then_parse(batch: pa.Table, max_doc_bytes: int) -> pa.Table:
-    """Ray Data UDF: fill in the bytes of rows that name a local file, then parse."""
+def read_then_parse(batch: pa.Table, filesystem, text_field: str, max_doc_bytes: int, path_prefix: str) -> pa.Table:
+    """Ray Data UDF: fill in the bytes of rows that name a file of `filesystem`, then parse."""
     paths = batch.column("path").to_pylist()
-    data = [content if content is not None else Path(path).read_bytes() for path, content in zip(paths, batch.column("bytes").to_pylist())]
-    files = pa.table({"path": paths, "bytes": pa.array(data, type=pa.binary())})
-    return parse_files(files, text_field="text", max_doc_bytes=max_doc_bytes)
+    data = [
+        content if content is not None else read_file(filesystem, path)
+        for path, content in zip(paths, batch.column("bytes").to_pylist())
+    ]
+    files = pa.table({"path": paths, "bytes": pa.array(data, type=pa.binary()), "file_index": batch.column("file_index")})
+    return parse_files(files, text_field=text_field, max_doc_bytes=max_doc_bytes, path_prefix=path_prefix)
+
+
+def read_file(filesystem, path: str) -> bytes:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
 
 
 # ---- files ----------------------------------------------------------------------------------------
 
 
 def files_corpus(description: str, paths: list[str], filesystem, text_field: str, path_prefix: str, approx: int) -> Corpus:
-    def build(max_doc_bytes: int):
-        import ray.data
-
-        return ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem).map_batches(
-            parse_files,
-            batch_format="pyarrow",
-            fn_kwargs={"text_field": text_field, "max_doc_bytes": max_doc_bytes, "path_prefix": path_prefix},
-        )
-
-    return Corpus(description=description, approx_bytes=approx, documents=build)
+    rows = [{"path": path, "bytes": None, "file_index": index} for index, path in enumerate(paths)]
+    return Corpus(description=description, approx_bytes=approx, files=len(rows),
+                  documents=file_rows_reader(rows, approx, filesystem, text_field, path_prefix))
 
 
 def has_corpus_extension(path: str) -> bool:
@@ -259,4 +273,4 @@ def hf_corpus(spec: str, text_field: str) -> Corpus:
             fn_kwargs={"text_field": text_field, "max_doc_bytes": max_doc_bytes, "source_prefix": spec},
         )
 
-    return Corpus(description=spec, approx_bytes=table.nbytes, documents=build)
+    return Corpus(description=spec, approx_bytes=table.nbytes, files=table.num_rows, documents=build)

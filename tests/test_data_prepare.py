@@ -370,3 +370,82 @@ def test_cli_prints_a_user_error_as_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"raylm prepare: error: --source {str(tmp_path / 'nope')!r} does not exist; expected stdlib, a file, a directory, a glob, hf:NAME or a URI"]
+
+
+# ---- partitions: dedup, split and packing on the workers ------------------------------------------
+
+
+@pytest.fixture
+def duplicated_corpus(tmp_path):
+    """Six .jsonl files of distinct documents, with copies of earlier ones planted in later files."""
+    root = tmp_path / "dup-corpus"
+    root.mkdir()
+    texts = [f"Document {i} tells of item {i * 7 % 13} and then of item {i * 5 % 11}. " * (1 + i % 4) for i in range(60)]
+    for f in range(6):
+        lines = texts[f * 10 : (f + 1) * 10] + [texts[(f * 17 + 3) % 60], texts[(f * 29 + 5) % 60]]
+        (root / f"part-{f}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    return root
+
+
+def expected_streams(root: Path, tokenizer: Tokenizer, partitions: int, val_fraction: float) -> tuple[dict, int]:
+    """What each (partition, split) must hold, computed here from the files: documents in corpus order,
+    the first copy of each text kept, each + <|endoftext|>, concatenated. Also the duplicates dropped."""
+    import hashlib
+
+    from raylm.data.partition_pack import is_val, partition_of
+
+    streams: dict[tuple[int, str], list[int]] = {}
+    seen, duplicates = set(), 0
+    for file_index, path in enumerate(hash_order(sorted(root.iterdir()), key=lambda p: p.name)):
+        for position, line in enumerate(path.read_text().splitlines()):
+            text = json.loads(line)["text"]
+            digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if digest in seen:
+                duplicates += 1
+                continue
+            seen.add(digest)
+            key = (partition_of(digest, file_index << 32 | position, partitions), "val" if is_val(digest, val_fraction) else "train")
+            streams.setdefault(key, []).extend(tokenizer.encode(text, add_special_tokens=False).ids + [0])
+    return streams, duplicates
+
+
+def partition_rows(dataset: Path, manifest: dict, partition: int, split: str) -> np.ndarray:
+    shards = [s for s in manifest["splits"][split]["shards"] if s["partition"] == partition]
+    tables = [pq.read_table(dataset / s["path"]).column("input_ids").to_numpy(zero_copy_only=False) for s in shards]
+    return np.concatenate([np.stack(t) for t in tables]).reshape(-1) if tables else np.zeros(0, dtype=np.uint16)
+
+
+def test_partitions_dedup_keep_the_first_copy_and_pack_in_corpus_order(stdlib_dataset, duplicated_corpus, tmp_path):
+    corpus_bytes = sum(p.stat().st_size for p in duplicated_corpus.iterdir())
+    settings = dict(seq_len=16, val_fraction=0.25, shard_tokens=300, partition_bytes=corpus_bytes // 4 + 1)
+    out = tmp_path / "out"
+    manifest = prepare(out, duplicated_corpus, stdlib_dataset, **settings)
+    tokenizer = Tokenizer.from_file(f"{tokenizer_dir(out)}/tokenizer.json")
+    streams, duplicates = expected_streams(duplicated_corpus, tokenizer, 4, 0.25)
+
+    assert manifest["packing"]["partitions"] == 4 and duplicates == 12
+    assert manifest["documents"]["skipped"] == {"duplicate": duplicates} and manifest["documents"]["kept"] == 60
+    assert {s["partition"] for s in manifest["splits"]["train"]["shards"]} == {0, 1, 2, 3}
+    tails = {p["partition"]: p["tail_tokens_dropped"] for p in manifest["packing"]["by_partition"]}
+    for (partition, split), stream in streams.items():
+        rows = partition_rows(out, manifest, partition, split)
+        assert rows.tolist() == stream[: len(rows)], (partition, split)  # the first copy's place, corpus order
+        assert len(stream) - len(rows) == tails[partition][split] < 17  # each partition drops only its own tail
+    tokens = manifest["tokens"]
+    assert tokens["produced"] == sum(map(len, streams.values())) == tokens["written"] + tokens["tail_dropped"]
+    assert tokens["tail_dropped"] == sum(t for p in tails.values() for t in p.values())
+    assert all(p["written_by"]["pid"] > 0 and p["written_by"]["node_id"] for p in manifest["packing"]["by_partition"])
+
+
+def test_shards_do_not_depend_on_how_the_reads_are_cut_into_tasks(stdlib_dataset, duplicated_corpus, tmp_path, monkeypatch):
+    import raylm.data.sources
+
+    corpus_bytes = sum(p.stat().st_size for p in duplicated_corpus.iterdir())
+    settings = dict(seq_len=16, val_fraction=0.25, shard_tokens=300, partition_bytes=corpus_bytes // 3 + 1)
+    first = prepare(tmp_path / "a", duplicated_corpus, stdlib_dataset, **settings)
+    monkeypatch.setattr(raylm.data.sources, "READ_BLOCK_BYTES", 1)  # one file per read task instead of one task
+    again = prepare(tmp_path / "b", duplicated_corpus, stdlib_dataset, **settings)
+    assert again["splits"] == first["splits"] and first["packing"]["partitions"] == 3
+    for split in ("train", "val"):
+        paths = [(Path(a), Path(b)) for a, b in zip(shard_paths(tmp_path / "a", split), shard_paths(tmp_path / "b", split))]
+        assert paths and all(a.name == b.name and a.read_bytes() == b.read_bytes() for a, b in paths)

@@ -1,0 +1,123 @@
+"""Exact dedup, the train/val split, packing and shard writing, on the Ray workers.
+
+Encoded documents are hash-partitioned by their content hash (`assign_partitions`, a Ray Data
+UDF), so every copy of a text lands in the same partition whichever task encoded it. Ray Data's
+`groupby("partition").map_groups(pack_partition)` then hands each partition, whole, to one
+worker task, which:
+- sorts the partition's rows by corpus order (`order`), so what follows does not depend on how
+  the rows arrived;
+- counts what was read, skipped and redacted, and keeps the first error in corpus order;
+- drops exact duplicates, keeping the first in corpus order;
+- sends each document to train or val by its content hash (the top 64 bits against
+  `val_fraction`; the partition uses the next 64 bits, so the two choices are independent);
+- packs each split into rows of `seq_len + 1` ids (pack.ShardWriter) and writes the partition's
+  own Parquet shards, `<split>/<split>-PPPPP-NNNNN.parquet`, straight into the dataset dir;
+- returns one small record (JSON): counts, shards (path, rows, sha256), tail tokens dropped per
+  split, and which node and process wrote them.
+
+The driver only plans, gathers these records and writes the manifest. A partition's shards depend
+only on the documents in it, so reruns are byte-identical whatever the scheduling. Each partition
+drops its own tail (fewer than `seq_len + 1` tokens per split), which the plan keeps small by
+sizing partitions (`PrepareConfig.partition_bytes`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from raylm.core.redact import PLACEHOLDERS
+from raylm.data.encode import redaction_column
+from raylm.data.pack import ShardWriter
+
+SPLITS = ("train", "val")
+NO_ERROR = (2**63 - 1, None)  # (order, message) of a partition without an error
+
+
+def partition_of(digest: bytes | None, order: int, partitions: int) -> int:
+    """A kept document's partition comes from its content hash (copies meet); a skipped one's from its order."""
+    if digest is None:
+        return order % partitions
+    return int.from_bytes(digest[8:16], "big") % partitions
+
+
+def assign_partitions(batch: pa.Table, partitions: int) -> pa.Table:
+    """Ray Data UDF: encoded rows -> the same rows with a `partition` column."""
+    orders = batch.column("order").to_pylist()
+    digests = batch.column("hash").to_pylist()
+    column = [partition_of(digest, order, partitions) for digest, order in zip(digests, orders)]
+    return batch.append_column("partition", pa.array(column, type=pa.int32()))
+
+
+def is_val(digest: bytes, val_fraction: float) -> bool:
+    return int.from_bytes(digest[:8], "big") < int(val_fraction * 2**64)
+
+
+def writer_identity() -> dict:
+    """Where this task runs: the Ray node id, the host and the process."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def first_error(rows: pa.Table) -> tuple[int, str | None]:
+    """(order, message) of the first error among `rows` (sorted by order), or NO_ERROR."""
+    errors = rows.column("error")
+    if errors.null_count == len(errors):
+        return NO_ERROR
+    index = next(i for i, error in enumerate(errors.to_pylist()) if error is not None)
+    return rows.column("order")[index].as_py(), errors[index].as_py()
+
+
+def pack_partition(group: pa.Table, root: str, seq_len: int, dtype: str, rows_per_shard: int, val_fraction: float,
+                   dedup: bool) -> pa.Table:
+    """Ray Data map_groups UDF: one whole partition -> its shards on disk and one record row."""
+    rows = group.sort_by("order")
+    partition = rows.column("partition")[0].as_py()
+    record = {"partition": partition, "read": rows.num_rows, "writer": writer_identity()}
+    record["redacted"] = {p: int(np.asarray(rows.column(redaction_column(p))).sum()) for p in PLACEHOLDERS}
+    record["error"] = first_error(rows)
+    if record["error"] != NO_ERROR:  # the run fails: write nothing for this partition
+        record |= {"skipped": {}, "splits": {}}
+        return pa.table({"partition": [partition], "record": [json.dumps(record)]})
+
+    writers = {split: ShardWriter(Path(root), split, seq_len, dtype, rows_per_shard, partition=partition) for split in SPLITS}
+    skipped: Counter[str] = Counter()
+    seen: set[bytes] = set()
+    ids = rows.column("ids").combine_chunks()
+    offsets = ids.offsets.to_numpy()
+    values = ids.values.to_numpy(zero_copy_only=False)
+    for i, (skip, digest) in enumerate(zip(rows.column("skip").to_pylist(), rows.column("hash").to_pylist())):
+        if skip is not None:
+            skipped[skip] += 1
+            continue
+        if dedup:
+            if digest in seen:
+                skipped["duplicate"] += 1
+                continue
+            seen.add(digest)
+        split = "val" if is_val(digest, val_fraction) else "train"
+        writers[split].add(values[offsets[i] : offsets[i + 1]])
+    record["skipped"] = dict(skipped)
+    record["splits"] = {split: writer.close() | {"tokens_in": writer.tokens_in} for split, writer in writers.items()}
+    return pa.table({"partition": [partition], "record": [json.dumps(record)]})
+
+
+def pack_on_workers(encoded, partitions: int, root: Path, seq_len: int, dtype: str, rows_per_shard: int,
+                    val_fraction: float, dedup: bool) -> list[dict]:
+    """Run the partitioned dedup + pack + write over `encoded` (a Ray Dataset); the records, by partition."""
+    kwargs = {"root": str(root), "seq_len": seq_len, "dtype": dtype, "rows_per_shard": rows_per_shard,
+              "val_fraction": val_fraction, "dedup": dedup}
+    packed = (
+        encoded.map_batches(assign_partitions, batch_format="pyarrow", fn_kwargs={"partitions": partitions})
+        .groupby("partition", num_partitions=partitions)
+        .map_groups(pack_partition, batch_format="pyarrow", fn_kwargs=kwargs)
+    )
+    records = [json.loads(row["record"]) for row in packed.take_all()]
+    return sorted(records, key=lambda record: record["partition"])
