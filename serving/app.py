@@ -20,6 +20,7 @@ from typing import get_type_hints
 
 from ray import serve
 
+from raylm.core import storage
 from raylm.core.config import from_dict, read_yaml, value_from_text
 from raylm.core.errors import UserError
 from raylm.inference.engine import EngineConfig
@@ -52,10 +53,10 @@ def parse_app_args(args: dict) -> AppArgs:
     hints = get_type_hints(AppArgs)
     typed = {k: value_from_text(v, hints[k], f"args.{k}") if isinstance(v, str) and k in hints else v for k, v in args.items()}
     app_args = from_dict(AppArgs, typed, prefix="args.")
-    if not Path(app_args.model).is_dir():
+    if not storage.is_dir(app_args.model):
         raise UserError(f"args.model: model dir {app_args.model!r} does not exist")
-    # Replicas may not share the builder's working directory.
-    return dataclasses.replace(app_args, model=str(Path(app_args.model).resolve()))
+    # Replicas may not share the builder's working directory; a URI stays one (each replica copies it).
+    return dataclasses.replace(app_args, model=storage.join(app_args.model))
 
 
 def read_serve_config(path: str | Path):
@@ -122,7 +123,7 @@ class LLMServer:
             dtype=args.dtype,
             threads=replica_cpu_threads(),
         )
-        self.loop = EngineLoop(Engine(args.model, config))
+        self.loop = EngineLoop(Engine(storage.local_dir(args.model), config))  # a model dir on object storage: copied to this node
         self.args = args
         self.stop_metrics = threading.Event()
         threading.Thread(target=export_engine_metrics, args=(self.loop.engine, self.stop_metrics), daemon=True).start()

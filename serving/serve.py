@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raylm.core import storage
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
@@ -99,10 +100,10 @@ def plan_serving(
     `app_args` (AppArgs fields) and `api_key` (else RAYLM_API_KEY) over the config's args."""
     from raylm.model.model_dir import read_model_config
 
-    read_model_config(model_dir)  # a bad model dir fails here, in one line, not inside a replica
+    read_model_config(storage.local_dir(model_dir))  # a bad model dir fails here, in one line, not inside a replica
     serve_config = read_serve_config(config or DEFAULT_CONFIG)
     application = serve_config.applications[0]
-    args = {**application.args, **(app_args or {}), "model": str(Path(model_dir).resolve())}
+    args = {**application.args, **(app_args or {}), "model": storage.join(model_dir)}
     api_key = api_key or os.environ.get(API_KEY_ENV)
     if api_key:
         args["api_key"] = api_key

@@ -1,5 +1,7 @@
 """Pretraining across two nodes: `ray.cluster_utils.Cluster` puts a head and two worker nodes on
-this machine, and `raylm pretrain` with 2 workers runs one worker on each.
+this machine, and `raylm pretrain` with 2 workers runs one worker on each. Rank 1 dies at step 3
+(after the checkpoint of step 2) on its first attempt; Ray Train restarts the worker group and the
+run resumes from that checkpoint and finishes.
 
 Each worker node offers one `train_slot` and each Train worker asks for one
 (`scaling.resources_per_worker`), so the two workers can only run on different nodes; the GCS
@@ -18,7 +20,7 @@ RESULT_MARK = "RAYLM-MULTINODE-RESULT "
 
 
 def run_two_node_pretrain(workdir: Path) -> dict:
-    """Start head + 2 worker nodes, prepare a tiny dataset, pretrain 2 workers; where they ran."""
+    """Start head + 2 worker nodes, prepare a tiny dataset, pretrain 2 workers through a dead worker; where they ran."""
     import os
     import shutil
     import tempfile
@@ -47,15 +49,18 @@ def run_two_node_pretrain(workdir: Path) -> dict:
         dataset, run = workdir / "ds", workdir / "run"
         assert prepare(["--source", "stdlib", "--max-docs", "80", "--val-fraction", "0.2", "--vocab-size", "512",
                         "--seq-len", "32", "--out", str(dataset)]) == 0  # fmt: skip
-        assert pretrain(["--config", "debug", "--data", str(dataset), "--out", str(run), "--max-steps", "2",
-                         "--num-workers", "2", "scaling.resources_per_worker={train_slot: 1}"]) == 0  # fmt: skip
+        assert pretrain(["--config", "debug", "--data", str(dataset), "--out", str(run), "--max-steps", "4",
+                         "--num-workers", "2", "scaling.resources_per_worker={train_slot: 1}", "checkpoint.every=2",
+                         "faults.kill_rank=1", "faults.kill_at_step=3", "scaling.max_failures=1", "logging.every=1"]) == 0  # fmt: skip
         train_workers = [
             actor for actor in ray._private.state.actors().values() if "RayTrainWorker" in actor["ActorClassName"]
         ]
         return {
             "worker_node_ids": sorted(node.node_id for node in workers),
-            "train_worker_node_ids": sorted(actor["Address"]["NodeID"] for actor in train_workers),
+            "train_worker_node_ids": sorted(actor["Address"]["NodeID"] for actor in train_workers),  # both attempts
             "model_config": (run / "model" / "config.json").is_file(),
+            "steps": [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()],
+            "log": (run / "raylm.log").read_text(),
         }
     finally:
         ray.shutdown()
@@ -72,8 +77,10 @@ def test_pretrain_with_two_workers_on_two_nodes(tmp_path):
     assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-6000:]
     result = json.loads(lines[-1][len(RESULT_MARK) :])
     assert result["model_config"]
-    assert len(result["train_worker_node_ids"]) == 2
-    assert result["train_worker_node_ids"] == result["worker_node_ids"]  # one on each worker node
+    assert len(result["train_worker_node_ids"]) == 4  # 2 workers, then 2 again after rank 1 died
+    assert result["train_worker_node_ids"] == sorted(result["worker_node_ids"] * 2)  # one on each worker node, each time
+    assert "resuming from step 2" in result["log"], result["log"]  # rank 1 died at step 3; the group restarted
+    assert result["steps"][-1] == 4 and result["steps"].count(3) == 1, result["steps"]  # step 3 redone once, logged once
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def transformers_greedy_chat(model_dir, prompt: str, max_new_tokens: int) -> str
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, ray_cluster):
-    from tiny_artifacts import make_model_dir
+def sft_run(tmp_path_factory, ray_cluster, s3_server):
+    from tiny_artifacts import make_model_dir, upload_dir
 
     from raylm.data.chat import read_chat_jsonl
 
@@ -57,7 +57,11 @@ def sft_run(tmp_path_factory, ray_cluster):
     records, _ = read_chat_jsonl(str(chat))
     base = make_model_dir(root / "base", train_tokenizer(records, root / "tokenizer"), seed=0)
     out = root / "run"
-    rc = raylm(["finetune", "--config", "sft-debug", "--base", str(base), "--data", str(chat), "--out", str(out),
+    # The base model dir on an S3-compatible server, as on a cluster without a shared disk: the
+    # driver and every worker copy it locally.
+    remote_base = s3_server("models") + "/base"
+    upload_dir(base, remote_base)
+    rc = raylm(["finetune", "--config", "sft-debug", "--base", remote_base, "--data", str(chat), "--out", str(out),
                 "--num-workers", "2", "--max-steps", "100"])
     assert rc == 0
     assert (out / "chat-data" / "manifest.json").is_file()  # the JSONL became a chat dataset dir first, on Ray Data

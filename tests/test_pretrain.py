@@ -499,18 +499,11 @@ def test_fp16_is_refused_on_cpu():
     assert resolve_precision("auto", use_gpu=False) == "fp32" and resolve_precision("auto", use_gpu=True) == "bf16"
 
 
-def upload_dir(local: Path, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    from raylm.core.storage import filesystem
-
-    fs, inner = filesystem(uri)
-    pafs.copy_files(str(local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
 def test_pretraining_reads_its_dataset_from_object_storage(dataset_dir, runs_root, zero2, s3_server, capsys):
     """The dataset dir on an S3-compatible server: the workers read the same rows in the same order,
     so the run ends with the very weights of the run on the local copy; the tokenizer reaches the model dir."""
+    from tiny_artifacts import upload_dir
+
     from raylm.core.errors import UserError
     from raylm.training.pretrain import main
 

@@ -63,3 +63,13 @@ def make_model_dir(path: Path, tokenizer_dir: Path, seed: int = 0, **model_overr
     torch.manual_seed(seed)
     model = Transformer(cfg)
     return save_model_dir(path, model.state_dict(), cfg, tokenizer_dir)
+
+
+def upload_dir(local: Path, uri: str) -> None:
+    """Copy a local dir to an object-store URI (the tests' S3 server: conftest's `s3_server`)."""
+    import pyarrow.fs as pafs
+
+    from raylm.core.storage import filesystem
+
+    fs, inner = filesystem(uri)
+    pafs.copy_files(str(local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raylm.core import storage
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
@@ -144,8 +145,8 @@ def data_stats(manifest: dict) -> dict[str, Any]:
 
 
 def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str | None = None):
-    """Fine-tune `base` on `data` (a chat dataset dir, or chat JSONL records) into the run dir `out`;
-    returns run_training's result."""
+    """Fine-tune `base` (a model dir: a path, or a URI each process copies locally) on `data` (a chat
+    dataset dir, or chat JSONL records) into the run dir `out`; returns run_training's result."""
     from raylm.core.ray_cluster import init_ray
     from raylm.data.chat_dataset import shard_paths
     from raylm.training.pretrain import check_writable, local_run_dir, run_training
@@ -153,15 +154,16 @@ def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str |
 
     run_dir = local_run_dir(out)
     check_writable(run_dir)
+    base_here = storage.local_dir(base)  # what the driver reads: tokenizer, config, the "before" evaluation
     init_ray(address)
-    data_dir, manifest = chat_dataset_for_run(data, base, cfg.data.seq_len, cfg.sft, run_dir, address)
+    data_dir, manifest = chat_dataset_for_run(data, base_here, cfg.data.seq_len, cfg.sft, run_dir, address)
     stats = data_stats(manifest)
     train = ParquetRows(shard_paths(data_dir, manifest, "train"))
     val = ParquetRows(shard_paths(data_dir, manifest, "val")) if manifest["splits"]["val"]["rows"] else None
     print(f"finetune: {stats['train']['rows']} train rows, {stats['val']['rows']} val rows from {data_dir} "
           f"({stats['train']['truncated'] + stats['val']['truncated']} truncated, {sum(stats['skipped_lines'].values())} bad lines skipped)")
     val_rows = first_rows(val, cfg.eval_max_rows) if val is not None else None
-    before = evaluate(base, val_rows, cfg)
+    before = evaluate(base_here, val_rows, cfg)
     result = run_training(
         train_config(cfg),
         train=train,
@@ -170,7 +172,7 @@ def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str |
         out=out,
         init_model_dir=base,
         kind="finetune",
-        source={"base_model_dir": str(Path(base).resolve()), "chat_data": str(Path(data).resolve()), "chat_dataset_dir": str(Path(data_dir).resolve())},
+        source={"base_model_dir": storage.join(base), "chat_data": storage.join(data), "chat_dataset_dir": storage.join(data_dir)},
         write_run_report=False,  # written below, with the evaluation and the samples
     )
     after = evaluate(result.model_dir, val_rows, cfg)
@@ -190,7 +192,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raylm finetune", description="Chat SFT of a Llama-format model dir on the shared train loop.")
     recipes = ", ".join(name for name in recipe_names() if name.startswith("sft-"))
     parser.add_argument("--config", required=True, help=f"a recipe name ({recipes}) or a YAML path; the settings below and key=value override it")
-    parser.add_argument("--base", required=True, help="the starting model dir (Hugging Face Llama format; its tokenizer is used)")
+    parser.add_argument("--base", required=True, help="the starting model dir (Hugging Face Llama format; its tokenizer is used): a path or an s3://, gs:// URI")
     parser.add_argument("--data", required=True, help="a chat dataset dir (`raylm prepare-chat --tokenizer BASE`), or chat records: "
                         "a JSONL file, dir or glob ({'messages': [...]} or {'prompt', 'response'})")
     parser.add_argument("--out", required=True, help="the run dir (checkpoints, metrics, report.md, model/)")
@@ -254,8 +256,9 @@ def load_finetune_config(path: str, base: str, overrides: list[str | tuple[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    draft = finetune_config(args.config, args.base, [*args.overrides, *config_values(args).items()])
-    fit_to_chat_dataset(draft, args.data, args.base)
+    base = storage.local_dir(args.base)  # a model dir on object storage: copied to a local cache once
+    draft = finetune_config(args.config, base, [*args.overrides, *config_values(args).items()])
+    fit_to_chat_dataset(draft, args.data, base)
     cfg = draft.build()
     if draft.adapted:
         print(draft.adapted_line())

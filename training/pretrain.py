@@ -160,7 +160,7 @@ def run_training(
     if init_model_dir:
         from raylm.model.model_dir import read_model_config
 
-        cfg.model = read_model_config(init_model_dir)
+        cfg.model = read_model_config(storage.local_dir(init_model_dir))
         if cfg.data.seq_len > cfg.model.max_seq_len:
             raise UserError(f"data.seq_len ({cfg.data.seq_len}) exceeds the base model's max_position_embeddings ({cfg.model.max_seq_len})")
     quiet_console()
@@ -184,7 +184,7 @@ def run_training(
         train_loop_per_worker,
         train_loop_config={
             "config": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_dir": storage.join(tokenizer_dir),
-            "init_model_dir": str(Path(init_model_dir).resolve()) if init_model_dir else None,
+            "init_model_dir": storage.join(init_model_dir) if init_model_dir else None,  # a URI: each worker copies it
             "use_gpu": use_gpu, "kind": kind, "eval_rows": eval_rows, "train_source": train,
         },
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),

@@ -129,7 +129,9 @@ class Trainer:
         with latest_checkpoint(self.run_dir, self.rank, self.world, self.zero_stage, self.device) as resume_point:
             checkpoint.seed_everything(cfg.seed + self.rank)
             universal = resume_point is not None and resume_point.universal
-            self.engine = init_engine(cfg, self.world, self.use_gpu, self.loop_config.get("init_model_dir"), universal)
+            init_dir = self.loop_config.get("init_model_dir")
+            init_dir = storage.local_dir(init_dir) if init_dir else None  # a model dir on object storage: copied to this node
+            self.engine = init_engine(cfg, self.world, self.use_gpu, init_dir, universal)
             if resume_point is not None:
                 self.resume(resume_point)
         self.state.wandb_id = self.state.wandb_id or (new_wandb_id() if self.rank == 0 else None)
