@@ -21,6 +21,7 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 
 from raylm.core.redact import PLACEHOLDERS, redact_text
+from raylm.data.quality import QualityConfig, quality_problem
 from raylm.model.chat import ENDOFTEXT
 
 DEFAULT_CHUNK_CHARS = 4096
@@ -104,14 +105,26 @@ def redaction_column(placeholder: str) -> str:
     return "redacted_" + placeholder.strip("<>").lower()
 
 
+def filter_quality(texts: list[str | None], skips: list[str | None], sources: list[str | None], cfg: QualityConfig) -> None:
+    """Drop, in place, the documents that fail a quality rule of their kind; `skips` gets the rule."""
+    for i, text in enumerate(texts):
+        if text is not None:
+            problem = quality_problem(text, sources[i], cfg)
+            if problem is not None:
+                texts[i], skips[i] = None, problem
+
+
 def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_chars: int = DEFAULT_CHUNK_CHARS,
-                     redact: bool = False) -> pa.Table:
+                     redact: bool = False, quality: dict | None = None) -> pa.Table:
     """Ray Data UDF: document rows -> {order, skip, error, hash, ids (+ separator), redacted_* counts}.
-    The hash is of the document as read, so the split does not move with redaction."""
+    The hash is of the document as read, so the split does not move with redaction. `quality`
+    (QualityConfig's fields) drops documents by data/quality.py's rules first."""
     tokenizer = cached_tokenizer(tokenizer_json)
     separator = tokenizer.token_to_id(ENDOFTEXT)
     originals = batch.column("text").to_pylist()
     texts, skips = list(originals), batch.column("skip").to_pylist()
+    if quality is not None:
+        filter_quality(texts, skips, batch.column("source").to_pylist(), QualityConfig(**quality))
     counts = redact_documents(texts, skips) if redact else {placeholder: [0] * len(texts) for placeholder in PLACEHOLDERS}
     kept = [i for i, text in enumerate(texts) if text is not None]
     encoded = encode_texts(tokenizer, [texts[i] for i in kept], chunk_chars)

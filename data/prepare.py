@@ -22,19 +22,20 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from raylm import __version__
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
-from raylm.core.config import from_dict
+from raylm.core.config import apply_overrides, from_dict, override_pairs
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 from raylm.core.files import atomic_dir
 from raylm.data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
 from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents
 from raylm.data.partition_pack import NO_ERROR, SPLITS, pack_on_workers
+from raylm.data.quality import QualityConfig
 from raylm.data.sources import Corpus, resolve_source
 from raylm.data.tokenizer import (
     load_tokenizer,
@@ -57,6 +58,8 @@ class PrepareConfig:
     max_docs: int | None = None  # read only the first N documents in corpus order (a fixed sample)
     dedup: bool = True  # drop exact duplicate documents (the first one in corpus order is kept)
     redact: bool = True  # replace personal data and secrets with <EMAIL>, <SECRET>, ... (raylm/core/redact.py); drop documents mostly secrets
+    quality_filter: bool = True  # drop documents that fail the quality rules of their kind, code or prose (data/quality.py)
+    quality: QualityConfig = field(default_factory=QualityConfig)  # the rules' thresholds, e.g. quality.min_words=20
     max_doc_bytes: int = 4_000_000  # a larger single document is an error (likely a mistake in the source)
     shard_tokens: int = 4_194_304  # about this many tokens per Parquet shard
     partition_bytes: int = 16_000_000  # input text per hash partition: one worker task dedups, packs and writes each; each drops its own tail
@@ -81,7 +84,8 @@ class PrepareConfig:
 def parse_args(argv: list[str] | None) -> PrepareConfig:
     parser = argparse.ArgumentParser(prog="raylm prepare", description=__doc__.split("\n\n")[0])
     add_config_flags(parser, PrepareConfig)
-    return from_dict(PrepareConfig, config_values(parse_command_line(parser, argv)))
+    args = parse_command_line(parser, argv)
+    return from_dict(PrepareConfig, apply_overrides({}, [*override_pairs(args.overrides), *config_values(args).items()]))
 
 
 # ---- output dir -----------------------------------------------------------------------------------
@@ -252,7 +256,8 @@ def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float)
     encoded = with_progress_bars(documents).map_batches(
         encode_documents,
         batch_format="pyarrow",
-        fn_kwargs={"tokenizer_json": tokenizer.to_str(), "id_dtype": dtype, "chunk_chars": cfg.chunk_chars, "redact": cfg.redact},
+        fn_kwargs={"tokenizer_json": tokenizer.to_str(), "id_dtype": dtype, "chunk_chars": cfg.chunk_chars, "redact": cfg.redact,
+                   "quality": asdict(cfg.quality) if cfg.quality_filter else None},
     )
     partitions = plan_partitions(cfg, corpus)
     rows_per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))

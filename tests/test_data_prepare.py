@@ -33,8 +33,10 @@ def stdlib_dataset(ray_cluster, session_tmp):
 
 
 def prepare(out: Path, source, tokenizer_from: Path, **settings) -> dict:
-    """A quick run that reuses the shared dataset's tokenizer (no tokenizer training)."""
-    settings = {"seq_len": 16, "val_fraction": 0.0, **settings}
+    """A quick run that reuses the shared dataset's tokenizer (no tokenizer training). The planted
+    corpora here are a few short lines each, which the quality rules would drop as fragments
+    (tests/test_quality.py tests those): they are off unless a test turns them on."""
+    settings = {"seq_len": 16, "val_fraction": 0.0, "quality_filter": False, **settings}
     return run_prepare(PrepareConfig(source=str(source), out=str(out), tokenizer=tokenizer_dir(tokenizer_from), **settings))
 
 
