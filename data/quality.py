@@ -118,9 +118,11 @@ def prose_problem(text: str, cfg: QualityConfig) -> str | None:
         return "alphabetic_words"
     if len(STOP_WORDS.intersection(word.lower() for word in words)) < cfg.min_stop_words:
         return "stop_words"
-    if repeated_line_chars(lines) > cfg.max_repeated_line_chars:
+    # Rules of a table or a heading underline ("+----+", "*****") repeat by design: only lines with a
+    # letter or digit count.
+    if repeated_line_chars([line for line in lines if any(c.isalnum() for c in line)]) > cfg.max_repeated_line_chars:
         return "repeated_lines"
-    lowered = [word.lower() for word in words]
+    lowered = [word.lower() for word in words if any(c.isalnum() for c in word)]  # not table rules and bars
     for n, limit in ((2, cfg.max_top_ngram_chars), (3, cfg.max_top_ngram_chars * 0.9), (4, cfg.max_top_ngram_chars * 0.8)):
         if top_ngram_chars(lowered, n) > limit:
             return "repeated_ngrams"
