@@ -540,6 +540,67 @@ def test_a_failing_engine_step_ends_its_requests_at_once_and_serve_replaces_the_
         serve.delete("faulty")
 
 
+def test_a_replica_killed_under_load_gets_a_retry_or_json_behind_the_ingress(server, engine):
+    """The ingress app (serving/ingress.py): HTTP in one deployment, the engine behind a handle. It
+    answers as the plain app does; then the engine replica is killed with 8 requests and 2 streams
+    in flight: each request is retried once, on the replica Serve starts in its place, and answered;
+    each stream, already under way, ends with an `error` event (JSON, `replica_failed`) and [DONE].
+    Never Serve's plain-text 500, and nobody has to act."""
+    import json
+
+    import ray
+    from ray import serve
+
+    from raylm.serving.ingress import ingress_app
+
+    app = ingress_app({"model": str(server[1]), "model_name": MODEL, "max_batch_size": 16, "api_key": API_KEY},
+                      {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    serve.run(app, name="failover", route_prefix="/failover")
+    url = f"http://127.0.0.1:{server[2]}/failover"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        text, _, _ = direct(engine, engine.encode_prompt(PROMPTS[0]), 12)
+        assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text == text
+        streamed = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+        refused = httpx.post(f"{url}/v1/completions", json=completion(), timeout=30)
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        long = {"model": MODEL, "prompt": "def", "max_tokens": 2000, "temperature": 0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, headers=headers, timeout=60) as response:
+            assert next(line for line in response.iter_lines() if line.startswith("data:"))
+        wait_until(lambda: (s := stats(url))["requests_running"] == 0 and s["requests_cancelled"] == 1, 60, "a client that left to free its slot")
+
+        body = {"model": MODEL, "prompt": "def", "max_tokens": 600, "temperature": 0, "ignore_eos": True}
+
+        def plain(_) -> httpx.Response:
+            return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=180)
+
+        def stream(_) -> list[str]:
+            with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=headers, timeout=180) as response:
+                assert response.status_code == 200
+                return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+        with ThreadPoolExecutor(10) as pool:
+            plains = [pool.submit(plain, i) for i in range(8)]
+            streams = [pool.submit(stream, i) for i in range(2)]
+            wait_until(lambda: stats(url)["requests_running"] == 10, 60, "all ten to be generating", every_s=0.1)
+            [victim] = [a for a in ray.util.list_named_actors(all_namespaces=True) if "failover#EngineServer" in a["name"]]
+            ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+            killed = time.monotonic()
+            answers = [p.result(timeout=180) for p in plains]
+            recovered = time.monotonic() - killed
+            events = [s.result(timeout=180) for s in streams]
+        for response in answers:
+            assert response.status_code == 200 and response.headers["x-raylm-retried"] == "1"
+            assert response.json()["choices"][0]["finish_reason"] == "length"
+        for lines in events:
+            assert lines[-1] == "[DONE]" and json.loads(lines[-2])["error"]["code"] == "replica_failed"
+        assert recovered < 60, f"the retries were answered {recovered:.0f}s after the kill"
+    finally:
+        serve.delete("failover")
+
+
 def test_overload_gets_429_with_retry_after(server):
     from ray import serve
 
