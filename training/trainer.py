@@ -14,6 +14,8 @@ Pretraining and fine-tuning run this same code. They differ in their rows (with 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import time
 from dataclasses import dataclass
@@ -117,7 +119,9 @@ class Trainer:
         import deepspeed  # only now: train_loop_per_worker has chosen its accelerator
 
         cfg = self.cfg
-        deepspeed.init_distributed(dist_backend="nccl" if self.use_gpu else "gloo")
+        # On CPU, DeepSpeed prints "DeepSpeed ...shm_comm_op built successfully" from every worker as it loads its op.
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="nccl" if self.use_gpu else "gloo")
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
