@@ -30,13 +30,20 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import RayServeException
+from ray.serve.exceptions import BackPressureError
 
-from raylm.serving.app import AppArgs, LLMServer, parse_app_args
+from raylm.serving.app import (
+    DEFAULT_CONFIG,
+    AppArgs,
+    LLMServer,
+    deployment_options,
+    parse_app_args,
+    read_serve_config,
+)
 from raylm.serving.protocol import ApiError, sse
 
 log = logging.getLogger(__name__)
-REPLICA_GONE = (RayActorError, ActorUnavailableError, RayServeException)  # how a handle call reports a dead replica
+REPLICA_GONE = (RayActorError, ActorUnavailableError)  # how a handle call reports a dead replica
 RETRIED_HEADER = "x-raylm-retried"  # set on an answer that came from the second try
 
 
@@ -128,9 +135,10 @@ def plain_headers(headers: list) -> dict[str, str]:
 class Ingress:
     """A plain HTTP deployment (Serve allows one ASGI app per application: the engine's)."""
 
-    def __init__(self, engine, max_body_bytes: int):
+    def __init__(self, engine, max_body_bytes: int, retry_after_s: float):
         self.engine = engine  # the EngineServer deployment's handle
         self.max_body_bytes = max_body_bytes
+        self.retry_after_s = retry_after_s  # the engine deployment's backpressure_config's, as Serve's proxy says it
 
     async def __call__(self, request: Request) -> Response:
         from raylm.serving.api import read_body
@@ -141,6 +149,10 @@ class Ingress:
             if wants_stream(body):
                 return await self.stream(call)
             return await self.answer(call)
+        except BackPressureError:  # the engine deployment's queue is full, as Serve's proxy would answer
+            retry_after = {"Retry-After": f"{self.retry_after_s:g}"}
+            err = ApiError(429, "the server is busy: too many requests are queued; retry shortly", None, "server_error", "overloaded", retry_after)
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         except ApiError as err:
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -194,5 +206,7 @@ def build_app(args: dict) -> serve.Application:
 def ingress_app(args: dict, engine_options: dict | None) -> serve.Application:
     """Ingress in front of the engine deployment, `EngineServer`, with `engine_options` over serve.yaml's."""
     app_args = parse_app_args(args)
+    options = {**deployment_options(read_serve_config(DEFAULT_CONFIG)), **(engine_options or {})}
+    retry_after_s = (options.get("backpressure_config") or {}).get("retry_after_s", 1)
     engine = LLMServer.options(func_or_class=EngineServer, name="EngineServer", **(engine_options or {}))
-    return Ingress.bind(engine.bind(app_args), app_args.max_body_bytes)
+    return Ingress.bind(engine.bind(app_args), app_args.max_body_bytes, retry_after_s)

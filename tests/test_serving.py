@@ -620,6 +620,28 @@ def test_overload_gets_429_with_retry_after(server):
         serve.delete("tight")
 
 
+def test_overload_behind_the_ingress_gets_a_json_429_with_retry_after(server):
+    from ray import serve
+
+    from raylm.serving.ingress import ingress_app
+
+    serve.run(ingress_app({"model": str(server[1]), "model_name": MODEL}, {
+        "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
+        "backpressure_config": {"status_code": 429, "retry_after_s": 3}, "ray_actor_options": {"num_cpus": 0.25},
+    }), name="tight-ingress", route_prefix="/tight-ingress")
+    url = f"http://127.0.0.1:{server[2]}/tight-ingress"
+    try:
+        body = {"model": MODEL, "prompt": "def", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=120), range(6)))
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+        for refused in (r for r in responses if r.status_code == 429):
+            assert refused.headers["retry-after"] == "3" and refused.json()["error"]["code"] == "overloaded"
+    finally:
+        serve.delete("tight-ingress")
+
+
 def test_autoscaling_grows_under_load_and_shrinks_after(server):
     from ray import serve
 
