@@ -116,7 +116,8 @@ def filter_quality(texts: list[str | None], skips: list[str | None], sources: li
 
 def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_chars: int = DEFAULT_CHUNK_CHARS,
                      redact: bool = False, quality: dict | None = None) -> pa.Table:
-    """Ray Data UDF: document rows -> {order, skip, error, hash, ids (+ separator), redacted_* counts}.
+    """Ray Data UDF: document rows -> {order, skip, error, hash, ids (+ separator), redacted_* counts,
+    and `bands` when the rows have them}.
     The hash is of the document as read, so the split does not move with redaction. `quality`
     (QualityConfig's fields) drops documents by data/quality.py's rules first."""
     tokenizer = cached_tokenizer(tokenizer_json)
@@ -143,5 +144,6 @@ def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_
             "hash": pa.array(hashes, type=pa.binary(16)),
             "ids": pa.array(ids, type=pa.large_list(value_type)),
             **{redaction_column(p): pa.array(n, type=pa.int32()) for p, n in counts.items()},
+            **({"bands": batch.column("bands")} if "bands" in batch.column_names else {}),  # near-dedup's LSH keys
         }
     )

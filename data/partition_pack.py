@@ -7,7 +7,8 @@ worker task, which:
 - sorts the partition's rows by corpus order (`order`), so what follows does not depend on how
   the rows arrived;
 - counts what was read, skipped and redacted, and keeps the first error in corpus order;
-- drops exact duplicates, keeping the first in corpus order;
+- drops exact duplicates, keeping the first in corpus order, then the near duplicates that
+  data/near_dedup.py marked (marks are rows of the same partition with `near_duplicate` set);
 - sends each document to train or val by its content hash (the top 64 bits against
   `val_fraction`; the partition uses the next 64 bits, so the two choices are independent);
 - packs each split into rows of `seq_len + 1` ids (pack.ShardWriter) and writes the partition's
@@ -34,6 +35,7 @@ import pyarrow as pa
 
 from raylm.core.redact import PLACEHOLDERS
 from raylm.data.encode import redaction_column
+from raylm.data.near_dedup import band_rows, mark_later_documents
 from raylm.data.pack import ShardWriter
 
 SPLITS = ("train", "val")
@@ -78,8 +80,11 @@ def first_error(rows: pa.Table) -> tuple[int, str | None]:
 def pack_partition(group: pa.Table, root: str, seq_len: int, dtype: str, rows_per_shard: int, val_fraction: float,
                    dedup: bool) -> pa.Table:
     """Ray Data map_groups UDF: one whole partition -> its shards on disk and one record row."""
-    rows = group.sort_by("order")
-    partition = rows.column("partition")[0].as_py()
+    group = group.sort_by("order")
+    is_mark = group.column("near_duplicate").to_numpy(zero_copy_only=False)
+    near_duplicates = set(group.filter(is_mark).column("order").to_pylist())
+    rows = group.filter(~is_mark)
+    partition = group.column("partition")[0].as_py()
     record = {"partition": partition, "read": rows.num_rows, "writer": writer_identity()}
     record["redacted"] = {p: int(np.asarray(rows.column(redaction_column(p))).sum()) for p in PLACEHOLDERS}
     record["error"] = first_error(rows)
@@ -93,7 +98,8 @@ def pack_partition(group: pa.Table, root: str, seq_len: int, dtype: str, rows_pe
     ids = rows.column("ids").combine_chunks()
     offsets = ids.offsets.to_numpy()
     values = ids.values.to_numpy(zero_copy_only=False)
-    for i, (skip, digest) in enumerate(zip(rows.column("skip").to_pylist(), rows.column("hash").to_pylist())):
+    columns = (rows.column(name).to_pylist() for name in ("skip", "hash", "order"))
+    for i, (skip, digest, order) in enumerate(zip(*columns)):
         if skip is not None:
             skipped[skip] += 1
             continue
@@ -102,6 +108,9 @@ def pack_partition(group: pa.Table, root: str, seq_len: int, dtype: str, rows_pe
                 skipped["duplicate"] += 1
                 continue
             seen.add(digest)
+        if order in near_duplicates:
+            skipped["near_duplicate"] += 1
+            continue
         split = "val" if is_val(digest, val_fraction) else "train"
         writers[split].add(values[offsets[i] : offsets[i + 1]])
     record["skipped"] = dict(skipped)
@@ -109,15 +118,53 @@ def pack_partition(group: pa.Table, root: str, seq_len: int, dtype: str, rows_pe
     return pa.table({"partition": [partition], "record": [json.dumps(record)]})
 
 
+def near_duplicate_marks(encoded, partitions: int, schema: pa.Schema):
+    """A Ray Dataset of mark rows (`schema`, `near_duplicate` set): the documents of `encoded` with an
+    earlier candidate, found by grouping the LSH band keys across workers in `partitions` buckets."""
+    marks = (
+        encoded.select_columns(["order", "partition", "skip", "bands"])
+        .map_batches(band_rows, batch_format="pyarrow", fn_kwargs={"buckets": partitions})
+        .groupby("bucket", num_partitions=partitions)
+        .map_groups(mark_later_documents, batch_format="pyarrow")
+    )
+    return marks.map_batches(mark_table, batch_format="pyarrow", fn_kwargs={"schema": schema})
+
+
+def pack_schema(encoded_schema: pa.Schema) -> pa.Schema:
+    """The pack input's schema: the encoded rows' without the LSH keys, with `near_duplicate`."""
+    fields = [field for field in encoded_schema if field.name != "bands"]
+    return pa.schema(fields + [pa.field("near_duplicate", pa.bool_())])
+
+
+def mark_table(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Ray Data UDF: (order, partition) rows -> rows of the pack input's `schema`: nulls but for the
+    order, the partition and `near_duplicate`."""
+    given = {"order": batch.column("order"), "partition": batch.column("partition"),
+             "near_duplicate": pa.array(np.ones(batch.num_rows, dtype=bool))}
+    return pa.table({field.name: given.get(field.name, pa.nulls(batch.num_rows, field.type)) for field in schema}, schema=schema)
+
+
+def not_marks(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: document rows -> the pack input (`near_duplicate` false, no LSH keys)."""
+    if "bands" in batch.column_names:
+        batch = batch.drop_columns(["bands"])
+    return batch.append_column("near_duplicate", pa.array(np.zeros(batch.num_rows, dtype=bool)))
+
+
 def pack_on_workers(encoded, partitions: int, root: Path, seq_len: int, dtype: str, rows_per_shard: int,
-                    val_fraction: float, dedup: bool) -> list[dict]:
-    """Run the partitioned dedup + pack + write over `encoded` (a Ray Dataset); the records, by partition."""
+                    val_fraction: float, dedup: bool, near_dedup: bool) -> list[dict]:
+    """Run the partitioned dedup + pack + write over `encoded` (a Ray Dataset); the records, by partition.
+    With `near_dedup`, `encoded` (with its LSH band keys) is materialized in the object store first: the
+    band grouping and the packing both read it."""
     kwargs = {"root": str(root), "seq_len": seq_len, "dtype": dtype, "rows_per_shard": rows_per_shard,
               "val_fraction": val_fraction, "dedup": dedup}
-    packed = (
-        encoded.map_batches(assign_partitions, batch_format="pyarrow", fn_kwargs={"partitions": partitions})
-        .groupby("partition", num_partitions=partitions)
-        .map_groups(pack_partition, batch_format="pyarrow", fn_kwargs=kwargs)
-    )
+    encoded = encoded.map_batches(assign_partitions, batch_format="pyarrow", fn_kwargs={"partitions": partitions})
+    if near_dedup:
+        encoded = encoded.materialize()
+        documents = encoded.map_batches(not_marks, batch_format="pyarrow")
+        pack_input = documents.union(near_duplicate_marks(encoded, partitions, pack_schema(encoded.schema().base_schema)))
+    else:
+        pack_input = encoded.map_batches(not_marks, batch_format="pyarrow")
+    packed = pack_input.groupby("partition", num_partitions=partitions).map_groups(pack_partition, batch_format="pyarrow", fn_kwargs=kwargs)
     records = [json.loads(row["record"]) for row in packed.take_all()]
     return sorted(records, key=lambda record: record["partition"])

@@ -34,6 +34,7 @@ from raylm.core.errors import UserError
 from raylm.core.files import atomic_dir
 from raylm.data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
 from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents
+from raylm.data.near_dedup import add_band_keys, lsh_params
 from raylm.data.partition_pack import NO_ERROR, SPLITS, pack_on_workers
 from raylm.data.quality import QualityConfig
 from raylm.data.sources import Corpus, resolve_source
@@ -57,6 +58,10 @@ class PrepareConfig:
     val_fraction: float = 0.05  # share of documents (by content hash) that go to the val split
     max_docs: int | None = None  # read only the first N documents in corpus order (a fixed sample)
     dedup: bool = True  # drop exact duplicate documents (the first one in corpus order is kept)
+    near_dedup: bool = True  # drop near duplicates: a document whose MinHash LSH candidate comes earlier in corpus order
+    near_dedup_threshold: float = 0.8  # Jaccard similarity of word shingles the LSH bands are tuned for
+    near_dedup_permutations: int = 128  # MinHash permutations (signature length); more is finer and slower
+    near_dedup_shingle_words: int = 5  # words per shingle
     redact: bool = True  # replace personal data and secrets with <EMAIL>, <SECRET>, ... (raylm/core/redact.py); drop documents mostly secrets
     quality_filter: bool = True  # drop documents that fail the quality rules of their kind, code or prose (data/quality.py)
     quality: QualityConfig = field(default_factory=QualityConfig)  # the rules' thresholds, e.g. quality.min_words=20
@@ -74,7 +79,10 @@ class PrepareConfig:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_docs is not None and self.max_docs < 1:
             raise UserError(f"--max-docs must be at least 1, got {self.max_docs}")
-        for name in ("tokenizer_sample_bytes", "max_doc_bytes", "shard_tokens", "partition_bytes", "chunk_chars"):
+        if not 0 < self.near_dedup_threshold < 1:
+            raise UserError(f"--near-dedup-threshold must be in (0, 1), got {self.near_dedup_threshold}")
+        for name in ("tokenizer_sample_bytes", "max_doc_bytes", "shard_tokens", "partition_bytes", "chunk_chars",
+                     "near_dedup_permutations", "near_dedup_shingle_words"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if "://" in self.out:
@@ -149,6 +157,12 @@ def make_tokenizer(cfg: PrepareConfig, documents):
         raise UserError(f"--source {cfg.source!r}: no document to train the tokenizer on (all empty or skipped)")
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     return tokenizer, {"trained": {"vocab_size": cfg.vocab_size, "sample_documents": len(texts), "sample_chars": sum(map(len, texts))}}
+
+
+def near_dedup_settings(cfg: PrepareConfig) -> dict:
+    """add_band_keys' arguments: the shingles, the permutations and the LSH bands for the threshold."""
+    bands, rows = lsh_params(cfg.near_dedup_threshold, cfg.near_dedup_permutations)
+    return {"shingle_words": cfg.near_dedup_shingle_words, "permutations": cfg.near_dedup_permutations, "bands": bands, "rows": rows}
 
 
 def plan_partitions(cfg: PrepareConfig, corpus: Corpus) -> int:
@@ -239,6 +253,7 @@ def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer
         "tokens": {"produced": produced, "separators": documents["kept"], "written": written, "tail_dropped": tail},
         "splits": splits,
         "packing": gather_packing(records, partitions, produced),
+        **({"near_dedup": near_dedup_settings(cfg) | {"threshold": cfg.near_dedup_threshold}} if cfg.near_dedup else {}),
         "settings": settings,
         "created_by": f"raylm prepare {__version__}",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -253,7 +268,10 @@ def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float)
     tokenizer, tokenizer_info = make_tokenizer(cfg, documents)
     dtype = "uint16" if tokenizer.get_vocab_size(with_added_tokens=True) <= 65536 else "uint32"
     tokenizer_sha = save_tokenizer(tokenizer, tmp / "tokenizer", cfg.seq_len)
-    encoded = with_progress_bars(documents).map_batches(
+    documents = with_progress_bars(documents)
+    if cfg.near_dedup:
+        documents = documents.map_batches(add_band_keys, batch_format="pyarrow", fn_kwargs=near_dedup_settings(cfg))
+    encoded = documents.map_batches(
         encode_documents,
         batch_format="pyarrow",
         fn_kwargs={"tokenizer_json": tokenizer.to_str(), "id_dtype": dtype, "chunk_chars": cfg.chunk_chars, "redact": cfg.redact,
@@ -261,7 +279,7 @@ def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float)
     )
     partitions = plan_partitions(cfg, corpus)
     rows_per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))
-    records = pack_on_workers(encoded, partitions, tmp, cfg.seq_len, dtype, rows_per_shard, cfg.val_fraction, cfg.dedup)
+    records = pack_on_workers(encoded, partitions, tmp, cfg.seq_len, dtype, rows_per_shard, cfg.val_fraction, cfg.dedup, cfg.near_dedup)
     manifest = build_manifest(cfg, corpus, tokenizer, tokenizer_sha, tokenizer_info, dtype, records, partitions, time.perf_counter() - started)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -4,6 +4,7 @@ contract, packing accounting, train/val disjointness, determinism, atomicity and
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def split_rows(dataset: Path, split: str) -> np.ndarray:
 
 
 def documents_in(rows: np.ndarray, separator: int, tokenizer: Tokenizer) -> list[str]:
-    """Texts of the complete documents in a split's rows (the last piece is cut by the tail)."""
+    """Texts of the complete documents in one partition's rows of a split (the last piece is cut by
+    the tail; with several partitions, decode each alone: see partition_rows)."""
     stream = rows.reshape(-1).tolist()
     pieces, start = [], 0
     for i, token in enumerate(stream):
@@ -233,7 +235,10 @@ def test_local_directory_of_every_file_kind(stdlib_dataset, corpus_dir, tmp_path
     docs = documents_in(split_rows(tmp_path / "out", "train"), 0, tokenizer)
     assert {"jsonl record 1", "json array record 1", "parquet row 0", "A document in a subdirectory, ünïcödé 🤖.\n"} <= set(docs)
 
+    # An exact copy is also a near duplicate (Jaccard 1): keeping copies takes both switches.
     no_dedup = prepare(tmp_path / "no-dedup", corpus_dir, stdlib_dataset, text_field="body", seq_len=8, dedup=False)
+    assert no_dedup["documents"]["kept"] == 10 and no_dedup["documents"]["skipped"]["near_duplicate"] == 1
+    no_dedup = prepare(tmp_path / "none", corpus_dir, stdlib_dataset, text_field="body", seq_len=8, dedup=False, near_dedup=False)
     assert no_dedup["documents"]["kept"] == 11
 
 
@@ -419,7 +424,7 @@ def partition_rows(dataset: Path, manifest: dict, partition: int, split: str) ->
 
 def test_partitions_dedup_keep_the_first_copy_and_pack_in_corpus_order(stdlib_dataset, duplicated_corpus, tmp_path):
     corpus_bytes = sum(p.stat().st_size for p in duplicated_corpus.iterdir())
-    settings = dict(seq_len=16, val_fraction=0.25, shard_tokens=300, partition_bytes=corpus_bytes // 4 + 1)
+    settings = dict(seq_len=16, val_fraction=0.25, shard_tokens=300, partition_bytes=corpus_bytes // 4 + 1, near_dedup=False)
     out = tmp_path / "out"
     manifest = prepare(out, duplicated_corpus, stdlib_dataset, **settings)
     tokenizer = Tokenizer.from_file(f"{tokenizer_dir(out)}/tokenizer.json")
@@ -451,3 +456,63 @@ def test_shards_do_not_depend_on_how_the_reads_are_cut_into_tasks(stdlib_dataset
     for split in ("train", "val"):
         paths = [(Path(a), Path(b)) for a, b in zip(shard_paths(tmp_path / "a", split), shard_paths(tmp_path / "b", split))]
         assert paths and all(a.name == b.name and a.read_bytes() == b.read_bytes() for a, b in paths)
+
+
+# ---- near duplicates ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def near_duplicate_corpus(tmp_path):
+    """Distinct documents, copies with a word or two changed (near: Jaccard ~0.8-0.9 over 5-word
+    shingles), copies with a third of the words changed (far), spread over three files."""
+    rng = random.Random(7)
+    vocabulary = [f"w{i}" for i in range(400)]
+    bases = [" ".join(rng.choice(vocabulary) for _ in range(80)) for _ in range(24)]
+
+    def edited(text: str, changes: int) -> str:
+        words = text.split()
+        for index in rng.sample(range(len(words)), changes):
+            words[index] = rng.choice(vocabulary) + "x"
+        return " ".join(words)
+
+    texts = bases + [edited(bases[i], 1 + i % 2) for i in range(0, 24, 2)] + [edited(bases[i], 27) for i in range(1, 24, 4)]
+    rng.shuffle(texts)
+    root = tmp_path / "near-corpus"
+    root.mkdir()
+    for f in range(3):
+        (root / f"part-{f}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[f::3]))
+    return root
+
+
+def datasketch_kept(root: Path) -> tuple[list[str], int]:
+    """The texts to keep by datasketch's MinHashLSH (threshold 0.8, 128 permutations) over our shingles:
+    a document goes when a document earlier in corpus order is its candidate. Also how many go."""
+    from datasketch import MinHash, MinHashLSH
+
+    from raylm.data.near_dedup import shingle_hashes
+
+    texts = [json.loads(line)["text"] for path in hash_order(sorted(root.iterdir()), key=lambda p: p.name) for line in path.read_text().splitlines()]
+    lsh, sketches = MinHashLSH(threshold=0.8, num_perm=128), []
+    for index, text in enumerate(texts):
+        sketch = MinHash(num_perm=128, seed=1, hashfunc=lambda value: value)
+        sketch.update_batch(shingle_hashes(text, 5).tolist())
+        lsh.insert(index, sketch)
+        sketches.append(sketch)
+    kept = [text for index, text in enumerate(texts) if not any(other < index for other in lsh.query(sketches[index]))]
+    return kept, len(texts) - len(kept)
+
+
+def test_near_duplicates_are_dropped_as_datasketch_finds_them(stdlib_dataset, near_duplicate_corpus, tmp_path):
+    corpus_bytes = sum(p.stat().st_size for p in near_duplicate_corpus.iterdir())
+    settings = dict(seq_len=8, partition_bytes=corpus_bytes // 3 + 1)
+    manifest = prepare(tmp_path / "out", near_duplicate_corpus, stdlib_dataset, **settings)
+    expected, dropped = datasketch_kept(near_duplicate_corpus)
+    assert 6 <= dropped <= 12  # the copies with one word changed (J ~0.88), some with two (J ~0.77), no far ones
+    assert manifest["documents"]["skipped"] == {"near_duplicate": dropped} and manifest["documents"]["kept"] == len(expected)
+    assert manifest["near_dedup"] == {"shingle_words": 5, "permutations": 128, "bands": 9, "rows": 13, "threshold": 0.8}
+    tokenizer = Tokenizer.from_file(f"{tokenizer_dir(tmp_path / 'out')}/tokenizer.json")
+    written = {doc for partition in range(3) for doc in documents_in(partition_rows(tmp_path / "out", manifest, partition, "train"), 0, tokenizer)}
+    assert written <= set(expected) and len(set(expected) - written) <= manifest["packing"]["partitions"]  # but tails
+
+    everything = prepare(tmp_path / "all", near_duplicate_corpus, stdlib_dataset, near_dedup=False, **settings)
+    assert everything["documents"]["kept"] == len(expected) + dropped and "near_dedup" not in everything

@@ -159,3 +159,38 @@ def test_packing_keeps_every_token_but_the_tail(tmp_path):
     assert entry["tail_tokens_dropped"] < 16
     assert np.array_equal(rows.reshape(-1), stream[: entry["tokens"]])
     assert all(s["rows"] == 7 for s in entry["shards"][:-1])
+
+
+# ---- near duplicates: our MinHash + LSH against datasketch's ---------------------------------------
+
+
+def test_lsh_bands_are_datasketchs_choice():
+    from datasketch.lsh import _optimal_param
+
+    from raylm.data.near_dedup import lsh_params
+
+    for threshold, permutations in [(0.8, 128), (0.5, 64), (0.9, 256), (0.7, 100)]:
+        assert lsh_params(threshold, permutations) == _optimal_param(threshold, permutations, 0.5, 0.5)
+
+
+def test_minhash_signatures_equal_datasketchs():
+    from datasketch import MinHash
+
+    from raylm.data.near_dedup import minhash_signature, shingle_hashes
+
+    rng = random.Random(3)
+    for _ in range(20):
+        text = " ".join(rng.choice(["def", "x", "return", "ünï", "🤖", "a.b(c)", "\n", "import"]) for _ in range(rng.randrange(1, 400)))
+        shingles = shingle_hashes(text, 5)
+        reference = MinHash(num_perm=128, seed=1, hashfunc=lambda value: value)
+        reference.update_batch(shingles.tolist())
+        assert np.array_equal(minhash_signature(shingles, 128), reference.hashvalues)
+
+
+def test_shingles_are_runs_of_words_whatever_the_whitespace():
+    from raylm.data.near_dedup import shingle_hashes
+
+    assert np.array_equal(shingle_hashes("a  b\tc\n\nd e f", 5), shingle_hashes("a b c d e f", 5))
+    assert len(shingle_hashes("a b c d e f", 5)) == 2 and len(shingle_hashes("a b", 5)) == 1
+    assert len(set(shingle_hashes(" ".join(str(i) for i in range(100)), 3).tolist())) == 98  # distinct runs, distinct hashes
+    assert not np.array_equal(shingle_hashes("ab c d e f", 5), shingle_hashes("a bc d e f", 5))
