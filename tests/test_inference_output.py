@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from raylm.inference.detokenize import TextStream
+from raylm.inference.detokenize import TextStream, TokenTexts
 from raylm.inference.output import OutputProcessor
 from raylm.inference.sampling import SamplingParams, new_generator
 from raylm.inference.sequence import Output, Sequence
@@ -70,6 +70,43 @@ def test_a_character_split_across_tokens_never_streams_half_decoded(tokenizer):
     _, outputs = run(tokenizer, ids)
     assert [out.text for out in outputs if "\ufffd" in out.text] == []
     assert text_of(outputs) == text and len(outputs) == len(ids)  # one output per token: its ids go out at once
+
+
+def sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer: word boundaries as U+2581, characters outside the vocabulary as
+    <0xNN> byte tokens, a decoder that strips the text's first space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["\u2581", "o", "k", "ok", "\u2581ok"]:
+        vocab[piece] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("o", "k"), ("\u2581", "ok")], byte_fallback=True, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_split_characters_never_stream_half_decoded_and_logprob_tokens_keep_their_bytes(tokenizer, kind):
+    """Whatever the tokenizer splits a character into (GPT-2's byte-level pieces, SentencePiece's
+    <0xNN> tokens), the streamed text never holds U+FFFD, and each token's logprob text is its own
+    bytes: `bytes:\\xc3` for part of a character, a space for SentencePiece's word boundary."""
+    tokenizer = tokenizer if kind == "byte-level" else sentencepiece_tokenizer()
+    text = "ok é€😀 ok ü"
+    ids = tokenizer.encode(text).ids
+    stream, deltas = TextStream(tokenizer, []), []
+    for token in ids:
+        stream.add(token)
+        deltas.append(stream.delta(final=False))
+    stream.finish()
+    deltas.append(stream.delta(final=True))
+    assert "".join(deltas) == tokenizer.decode(ids) and not any("\ufffd" in d for d in deltas)
+    texts = TokenTexts(tokenizer)
+    pieces = [texts.text(t) for t in ids]
+    assert "bytes:\\xc3" in pieces and not any("\ufffd" in p for p in pieces)
+    spaced = text if kind == "byte-level" else " " + text  # SentencePiece marks the first word's boundary too
+    assert b"".join(texts.bytes_of(t) for t in ids) == spaced.encode()
 
 
 def test_output_cut_mid_character_ends_as_decoding_it_whole_would(tokenizer):

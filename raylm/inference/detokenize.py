@@ -81,6 +81,7 @@ def byte_level_alphabet() -> dict[str, int]:
 
 
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece-style byte tokens
+SPACE_MARK = "\u2581"  # SentencePiece's word boundary, a space
 
 
 class TokenTexts:
@@ -102,6 +103,8 @@ class TokenTexts:
             return bytes(self.alphabet[c] for c in piece)
         if match := BYTE_FALLBACK.fullmatch(piece):
             return bytes([int(match[1], 16)])
+        if SPACE_MARK in piece:  # decoding it alone would strip the space it stands for
+            return piece.replace(SPACE_MARK, " ").encode()
         return self.tokenizer.decode([token], skip_special_tokens=False).encode()
 
     def text(self, token: int) -> str:
