@@ -3,10 +3,16 @@
     python bench/prepare.py [--seq-len 256] [--vocab-size 8192]
 
 In one run, on the same documents with the same tokenizer:
-  pipeline  the whole `raylm prepare` (list, read, clean, redact, dedup, encode, pack, write
+  pipeline  the whole `raylm prepare` (list, read, clean, redact, encode, dedup, pack, write
             Parquet, manifest) on a running Ray cluster, reusing the tokenizer so that all three do
             the same work; tokens/s = tokens produced / wall seconds of the run; and the same run
-            with `redact=False`, the cost of redaction as a ratio (target <= 1.3x, issue 15);
+            with cleaning off (`redact=False, near_dedup=False`), the cost of cleaning as a ratio
+            (target <= 1.3x, issue 15);
+  driver    the CPU seconds of this process (the driver; the workers are other processes) for the
+            whole corpus against a tenth of it (`max_docs`): the driver only plans and gathers
+            records, so its time must not grow with the tokens (issue 15);
+  workers   the same run on a fresh local cluster of 1 CPU and of 2 CPUs (Ray's logical CPUs: how
+            many tasks run at once), each warmed up first; target 2 >= 1.6x 1 (issue 15);
   (a) raw   `Tokenizer.encode_batch` on ~4 KB chunks of the documents already in memory, in this
             one process (its Rust threads use every core): the practical limit of these cores;
   (b) hf    `datasets.Dataset.map(batched=True, num_proc=2)` as Hugging Face's run_clm recipe
@@ -23,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from raylm.data.encode import chunk_text  # noqa: E402
@@ -85,6 +92,38 @@ def hf_datasets_tokens_per_s(tokenizer_file: str, texts: list[str], seq_len: int
     return tokens / seconds, tokens, seconds
 
 
+@dataclass
+class Run:
+    tokens: int
+    seconds: float  # wall
+    driver_cpu: float  # CPU seconds of this process
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def timed_prepare(out: Path, seq_len: int, tokenizer_dir: Path, **settings) -> tuple[Run, dict]:
+    start, cpu = time.perf_counter(), time.process_time()
+    manifest = run_prepare(PrepareConfig(source="stdlib", out=str(out), seq_len=seq_len, tokenizer=str(tokenizer_dir), **settings))
+    return Run(manifest["tokens"]["produced"], time.perf_counter() - start, time.process_time() - cpu), manifest
+
+
+def run_on_fresh_cluster(workers: int, tmp: Path, seq_len: int, tokenizer_dir: Path, warm_docs: int) -> Run:
+    """The whole corpus on a new local cluster of `workers` CPUs, after a small warm-up run."""
+    import ray
+
+    from raylm.core.ray_cluster import init_ray
+
+    ray.shutdown()
+    init_ray(num_cpus=workers)
+    try:
+        timed_prepare(tmp / f"warm-{workers}", seq_len, tokenizer_dir, max_docs=warm_docs)
+        return timed_prepare(tmp / f"workers-{workers}", seq_len, tokenizer_dir)[0]
+    finally:
+        ray.shutdown()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=256)
@@ -105,15 +144,11 @@ def main() -> int:
         first_seconds = time.perf_counter() - start
         tokenizer_dir = tmp / "first" / "tokenizer"
 
-        start = time.perf_counter()
-        manifest = run_prepare(PrepareConfig(source="stdlib", out=str(tmp / "timed"), seq_len=args.seq_len, tokenizer=str(tokenizer_dir)))
-        pipeline_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        run_prepare(PrepareConfig(source="stdlib", out=str(tmp / "unredacted"), seq_len=args.seq_len, tokenizer=str(tokenizer_dir),
-                                  redact=False))
-        unredacted_seconds = time.perf_counter() - start
-        pipeline_tokens = manifest["tokens"]["produced"]
-        pipeline = pipeline_tokens / pipeline_seconds
+        full, manifest = timed_prepare(tmp / "timed", args.seq_len, tokenizer_dir)
+        pipeline_seconds, pipeline_tokens, pipeline = full.seconds, full.tokens, full.tokens_per_s
+        uncleaned_seconds = timed_prepare(tmp / "uncleaned", args.seq_len, tokenizer_dir, redact=False, near_dedup=False)[0].seconds
+        tenth_docs = manifest["documents"]["read"] // 10
+        tenth = timed_prepare(tmp / "tenth", args.seq_len, tokenizer_dir, max_docs=tenth_docs)[0]
 
         from tokenizers import Tokenizer
 
@@ -121,6 +156,7 @@ def main() -> int:
         texts = stdlib_documents()
         raw, raw_tokens, raw_seconds = raw_encode_tokens_per_s(tokenizer, texts)
         hf, hf_tokens, hf_seconds = hf_datasets_tokens_per_s(str(tokenizer_dir / "tokenizer.json"), texts, args.seq_len, tmp)
+        one, two = (run_on_fresh_cluster(n, tmp, args.seq_len, tokenizer_dir, tenth_docs) for n in (1, 2))
 
     corpus_mb = stdlib_corpus().approx_bytes / 1e6
     print()
@@ -130,9 +166,16 @@ def main() -> int:
     print(f"(a) raw   encode_batch on 4 KB chunks, 1 proc   {raw:>12,.0f} tokens/s  ({raw_tokens:,} tokens in {raw_seconds:.1f} s)")
     print(f"(b) hf    datasets.map(batched, num_proc=2)     {hf:>12,.0f} tokens/s  ({hf_tokens:,} tokens in {hf_seconds:.1f} s)")
     redacted = ", ".join(f"{p} {n}" for p, n in manifest["documents"]["redacted"].items())
-    print(f"cleaning  redaction on {pipeline_seconds:.1f} s vs off {unredacted_seconds:.1f} s: "
-          f"{pipeline_seconds / unredacted_seconds:.2f}x (target <= 1.3x); redacted {redacted}")
+    near = manifest["documents"]["skipped"].get("near_duplicate", 0)
+    print(f"cleaning  redaction + near-dedup on {pipeline_seconds:.1f} s vs off {uncleaned_seconds:.1f} s: "
+          f"{pipeline_seconds / uncleaned_seconds:.2f}x (target <= 1.3x); redacted {redacted}; near duplicates {near}")
     print(f"ratios: pipeline / (a) = {pipeline / raw:.2f}x (target >= 0.8x); pipeline / (b) = {pipeline / hf:.2f}x (target >= 1.3x)")
+    print(f"driver    CPU s of the driver: a tenth ({tenth_docs} documents, {tenth.tokens:,} tokens) {tenth.driver_cpu:.2f} s, "
+          f"the whole corpus ({full.tokens:,} tokens) {full.driver_cpu:.2f} s: {full.driver_cpu / tenth.driver_cpu:.2f}x "
+          f"for {full.tokens / tenth.tokens:.1f}x the tokens (target: no growth); per second of the run "
+          f"{tenth.driver_cpu / tenth.seconds:.3f} vs {full.driver_cpu / full.seconds:.3f} (Ray Data's executor loop, per task and per second)")
+    print(f"workers   1 CPU {one.tokens_per_s:>12,.0f} tokens/s ({one.seconds:.1f} s)  2 CPUs {two.tokens_per_s:>12,.0f} tokens/s "
+          f"({two.seconds:.1f} s): {two.tokens_per_s / one.tokens_per_s:.2f}x (target >= 1.6x)")
     return 0
 
 

@@ -63,7 +63,7 @@ class ShardWriter:
     def write_shard(self, rows: np.ndarray) -> None:
         relative = f"{self.split}/{self.stem}-{len(self.shards):05d}.parquet"
         path = self.root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(exist_ok=True)  # not parents: a worker must not re-create a dataset dir the driver has removed
         pq.write_table(rows_table(rows), path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         self.shards.append({"path": relative, "rows": int(rows.shape[0]), "sha256": file_sha256(path)})
 
