@@ -42,6 +42,7 @@ class AppArgs:
     stream_interval_s: float = 0.0  # least time between two SSE writes of a stream; > 0 trades smoothness for throughput
     device: str = EngineConfig.device  # cpu | cuda | auto (cuda when the replica has a GPU)
     dtype: str = EngineConfig.dtype  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)
+    ingress: bool = False  # HTTP in a deployment of its own (serving/ingress.py): a dead replica's requests are retried once, or get a JSON 503
 
     def validate(self) -> None:
         if self.max_body_bytes < 1024:
@@ -157,5 +158,11 @@ def build_app(args: dict) -> serve.Application:
 def configured_app(args: dict, options: dict | None) -> serve.Application:
     """The Serve application for `args` (see AppArgs), with deployment options as a config file gives them."""
     app_args = parse_app_args(args)
+    if app_args.ingress:
+        from raylm.serving.ingress import (
+            bind_ingress,  # it builds on this module's LLMServer
+        )
+
+        return bind_ingress(app_args, options)
     deployment = LLMServer.options(**options) if options else LLMServer
     return deployment.bind(app_args)

@@ -1,14 +1,15 @@
 """The ingress deployment: HTTP in front of the engine replicas, joined to them by a handle.
 
-    serve run raylm.serving.ingress:build_app model=MODEL_DIR [any other app arg]
+    raylm serve --model MODEL_DIR --ingress            # or `ingress: true` in the serve config's args
+    serve run raylm.serving.app:build_app model=MODEL_DIR ingress=true
 
 When an engine replica dies with requests in flight (its process killed, its node lost), Ray
 Serve's proxy answers those requests with a plain-text 500, because the code that would have
-answered died with the replica. In this app the HTTP side runs in a deployment of its own,
-`Ingress`, which hands each request, as it came (method, path, headers, body), to an engine
-replica (`EngineServer`: `LLMServer` that also answers through the handle) and sends back what
-the replica's own app (serving/api.py: auth, bounds, the engine) answered. So a replica that dies
-is seen by code that lives on:
+answered died with the replica. With `ingress` set, the HTTP side runs in a deployment of its
+own, `Ingress`, which hands each request, as it came (method, path, headers, body), to an engine
+replica (the LLMServer deployment, as `EngineServer`, which also answers through the handle) and
+sends back what the replica's own app (serving/api.py: auth, bounds, the engine) answered. So a
+replica that dies is seen by code that lives on:
 
 - a non-streaming request is retried once, on a live replica where Serve has one (it is not yet
   answered: nothing was generated for it that a client saw); if that fails too, the client gets a
@@ -37,7 +38,6 @@ from raylm.serving.app import (
     AppArgs,
     LLMServer,
     deployment_options,
-    parse_app_args,
     read_serve_config,
 )
 from raylm.serving.protocol import ApiError, sse
@@ -136,7 +136,7 @@ class Ingress:
     """A plain HTTP deployment (Serve allows one ASGI app per application: the engine's)."""
 
     def __init__(self, engine, max_body_bytes: int, retry_after_s: float):
-        self.engine = engine  # the EngineServer deployment's handle
+        self.engine = engine  # the engine deployment's handle (LLMServer, as EngineServer)
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s  # the engine deployment's backpressure_config's, as Serve's proxy says it
 
@@ -197,16 +197,11 @@ class Ingress:
                 chunks.cancel()
 
 
-def build_app(args: dict) -> serve.Application:
-    """The app builder of `import_path: raylm.serving.ingress:build_app`: the args are LLMServer's
-    (serving/app.py's AppArgs), and so are the engine deployment's options (serve.yaml's)."""
-    return ingress_app(args, None)
-
-
-def ingress_app(args: dict, engine_options: dict | None) -> serve.Application:
-    """Ingress in front of the engine deployment, `EngineServer`, with `engine_options` over serve.yaml's."""
-    app_args = parse_app_args(args)
+def bind_ingress(app_args: AppArgs, engine_options: dict | None) -> serve.Application:
+    """Ingress in front of the engine deployment, with `engine_options` (a serve config's, for
+    LLMServer) over serve.yaml's. The engine deployment keeps the name LLMServer, so a config
+    file's options for it apply with or without the ingress."""
     options = {**deployment_options(read_serve_config(DEFAULT_CONFIG)), **(engine_options or {})}
     retry_after_s = (options.get("backpressure_config") or {}).get("retry_after_s", 1)
-    engine = LLMServer.options(func_or_class=EngineServer, name="EngineServer", **(engine_options or {}))
+    engine = LLMServer.options(func_or_class=EngineServer, **(engine_options or {}))
     return Ingress.bind(engine.bind(app_args), app_args.max_body_bytes, retry_after_s)

@@ -551,10 +551,10 @@ def test_a_replica_killed_under_load_gets_a_retry_or_json_behind_the_ingress(ser
     import ray
     from ray import serve
 
-    from raylm.serving.ingress import ingress_app
+    from raylm.serving.app import configured_app
 
-    app = ingress_app({"model": str(server[1]), "model_name": MODEL, "max_batch_size": 16, "api_key": API_KEY},
-                      {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    app = configured_app({"model": str(server[1]), "model_name": MODEL, "max_batch_size": 16, "api_key": API_KEY, "ingress": "true"},
+                         {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
     serve.run(app, name="failover", route_prefix="/failover")
     url = f"http://127.0.0.1:{server[2]}/failover"
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -585,7 +585,7 @@ def test_a_replica_killed_under_load_gets_a_retry_or_json_behind_the_ingress(ser
             plains = [pool.submit(plain, i) for i in range(8)]
             streams = [pool.submit(stream, i) for i in range(2)]
             wait_until(lambda: stats(url)["requests_running"] == 10, 60, "all ten to be generating", every_s=0.1)
-            [victim] = [a for a in ray.util.list_named_actors(all_namespaces=True) if "failover#EngineServer" in a["name"]]
+            [victim] = [a for a in ray.util.list_named_actors(all_namespaces=True) if "failover#LLMServer" in a["name"]]
             ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
             killed = time.monotonic()
             answers = [p.result(timeout=180) for p in plains]
@@ -623,9 +623,9 @@ def test_overload_gets_429_with_retry_after(server):
 def test_overload_behind_the_ingress_gets_a_json_429_with_retry_after(server):
     from ray import serve
 
-    from raylm.serving.ingress import ingress_app
+    from raylm.serving.app import configured_app
 
-    serve.run(ingress_app({"model": str(server[1]), "model_name": MODEL}, {
+    serve.run(configured_app({"model": str(server[1]), "model_name": MODEL, "ingress": True}, {
         "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
         "backpressure_config": {"status_code": 429, "retry_after_s": 3}, "ray_actor_options": {"num_cpus": 0.25},
     }), name="tight-ingress", route_prefix="/tight-ingress")
