@@ -51,3 +51,18 @@ def test_serving_plans_a_model_dir_on_object_storage(s3_server, debug_model_dir,
     assert parse_app_args({"model": remote}).model == remote
     with pytest.raises(UserError, match="does not exist"):
         parse_app_args({"model": remote + "-missing"})
+
+
+def test_generate_reads_a_model_dir_from_object_storage(s3_server, debug_model_dir, tmp_path, monkeypatch, capsys):
+    from tiny_artifacts import upload_dir
+
+    from raylm.cli import main as raylm
+
+    monkeypatch.setenv("RAYLM_CACHE_DIR", str(tmp_path / "cache"))
+    remote = s3_server("generate-models") + "/debug"
+    upload_dir(debug_model_dir, remote)
+    argv = ["generate", "--prompt", "def add(a, b):", "--max-tokens", "8"]
+    assert raylm([*argv, "--model", str(debug_model_dir)]) == 0
+    local = capsys.readouterr().out
+    assert raylm([*argv, "--model", remote]) == 0
+    assert capsys.readouterr().out == local  # the same model, the same greedy text

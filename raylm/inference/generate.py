@@ -14,6 +14,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from raylm.core import storage
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.config import from_dict
 from raylm.core.entry import run_main
@@ -39,7 +40,7 @@ def generate_texts(model_dir, prompts: list[str], max_tokens: int = 64, temperat
 
 @dataclass
 class GenerateArgs:
-    model: str  # model dir (Hugging Face Llama format)
+    model: str  # model dir (Hugging Face Llama format): a path, or an s3://, gs:// URI
     prompt: str  # text to continue (or the user message with --chat)
     max_tokens: int = 64  # tokens to generate at most
     temperature: float = 0.0  # 0 = greedy
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from raylm.inference.engine import Engine, EngineConfig, InvalidRequest
     from raylm.inference.sampling import SamplingParams
 
-    engine = Engine(args.model, EngineConfig(max_batch_size=1))
+    engine = Engine(storage.local_dir(args.model), EngineConfig(max_batch_size=1))  # a URI: copied to a local cache once
     prompt_ids = engine.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else engine.encode_prompt(args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     try:
