@@ -66,3 +66,11 @@ def test_generate_reads_a_model_dir_from_object_storage(s3_server, debug_model_d
     local = capsys.readouterr().out
     assert raylm([*argv, "--model", remote]) == 0
     assert capsys.readouterr().out == local  # the same model, the same greedy text
+
+
+def test_an_unreachable_object_store_is_one_line_that_says_where_credentials_and_endpoints_come_from(monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(UserError, match=r"cannot read 's3://no-server/ds/manifest.json': .*endpoint \(AWS_ENDPOINT_URL\)"):
+        storage.is_file("s3://no-server/ds/manifest.json")

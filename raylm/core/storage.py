@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from raylm.core.errors import UserError
@@ -38,6 +39,18 @@ def filesystem(path: str | Path):
         raise UserError(f"cannot open {str(path)!r}: {err}") from None
 
 
+@contextmanager
+def storage_errors(path: str | Path):
+    """An OSError from a filesystem (no such bucket, access denied, no route to the endpoint) as one
+    UserError line that names the path and where credentials and endpoints come from."""
+    try:
+        yield
+    except OSError as err:
+        where = ("; check the URI, this machine's credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                 "GOOGLE_APPLICATION_CREDENTIALS or an instance role) and endpoint (AWS_ENDPOINT_URL)") if is_uri(path) else ""
+        raise UserError(f"cannot read {str(path)!r}: {err}{where}") from None
+
+
 def join(base: str | Path, *parts: str) -> str:
     """`base/part/...`: a URI stays a URI, a local path an absolute local path."""
     if is_uri(base):
@@ -47,7 +60,8 @@ def join(base: str | Path, *parts: str) -> str:
 
 def file_type(path: str | Path):
     fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type
+    with storage_errors(path):
+        return fs.get_file_info(inner).type
 
 
 def is_file(path: str | Path) -> bool:
@@ -64,14 +78,14 @@ def is_dir(path: str | Path) -> bool:
 
 def read_bytes(path: str | Path) -> bytes:
     fs, inner = filesystem(path)
-    with fs.open_input_stream(inner) as stream:
+    with storage_errors(path), fs.open_input_stream(inner) as stream:
         return stream.read()
 
 
 def sha256_of(path: str | Path) -> str:
     fs, inner = filesystem(path)
     digest = hashlib.sha256()
-    with fs.open_input_stream(inner) as stream:
+    with storage_errors(path), fs.open_input_stream(inner) as stream:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -82,7 +96,8 @@ def files_under(path: str | Path) -> dict[str, int]:
     import pyarrow.fs as pafs
 
     fs, inner = filesystem(path)
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    with storage_errors(path):
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
     return {info.path[len(inner.rstrip("/")) + 1 :]: info.size for info in infos if info.type == pafs.FileType.File}
 
 
@@ -108,11 +123,12 @@ def local_dir(path: str | Path) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=target.parent))
     fs, inner = filesystem(path)
-    for relative in listing:
-        destination = staging / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(f"{inner.rstrip('/')}/{relative}") as stream, open(destination, "wb") as out:
-            shutil.copyfileobj(stream, out, 1 << 20)
+    with storage_errors(path):
+        for relative in listing:
+            destination = staging / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{inner.rstrip('/')}/{relative}") as stream, open(destination, "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
     try:
         staging.rename(target)
     except OSError:  # another process finished the same copy first
