@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from raylm.core import storage
 from raylm.core.errors import UserError
 
 Rows = dict[str, np.ndarray]  # column name -> [rows, seq_len + 1]
@@ -30,12 +31,9 @@ OPEN_FILES = 16  # Parquet files a rank keeps open at once
 
 def open_input(uri: str):
     """A readable pyarrow file for a local path or a filesystem URI (s3://, gs://, file://)."""
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-        return filesystem.open_input_file(path)
-    return pafs.LocalFileSystem().open_input_file(uri)
+    fs, path = storage.filesystem(uri)
+    with storage.storage_errors(uri):
+        return fs.open_input_file(path)
 
 
 def group_sizes(uri: str) -> list[int]:
@@ -93,7 +91,8 @@ class ParquetRows:
         file_index, group = self.chunks[chunk]
         parquet = self._parquet_file(file_index)
         columns = [name for name in ROW_COLUMNS if name in parquet.schema_arrow.names]
-        table = parquet.read_row_group(group, columns=columns)
+        with storage.storage_errors(self.paths[file_index]):
+            table = parquet.read_row_group(group, columns=columns)
         return {name: list_column_rows(table.column(name), bool if name == "loss_mask" else None) for name in columns}
 
 
