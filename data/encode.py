@@ -15,6 +15,7 @@ content hash (blake2b-128 of the UTF-8 text) drives exact dedup and the train/va
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,10 @@ _TOKENIZERS: dict[str, Tokenizer] = {}
 
 
 def cached_tokenizer(tokenizer_json: str) -> Tokenizer:
+    # Ray gives each encode task one CPU and runs as many tasks as there are CPUs; the Rust thread
+    # pool of `encode_batch` would take every core in each of them. One thread per task (unless the
+    # user says otherwise) is what makes 2 workers twice 1.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)

@@ -1,14 +1,16 @@
 """`raylm prepare --source SRC --out DIR`: a corpus -> a dataset dir (tokenizer + packed shards).
 
 The pipeline runs on the Ray workers; the driver touches no token. Ray Data reads and cleans
-documents and tokenizes them in parallel tasks (fused read -> parse -> redact -> encode), then
-hash-partitions the encoded documents by content hash, and one task per partition drops exact
-duplicates (the first in corpus order is kept), assigns each document to train or val by its
-content hash, packs each split into rows of `seq_len + 1` ids and writes the partition's Parquet
-shards (data/partition_pack.py). The driver plans (tokenizer, partition count), gathers one small
-record per partition and writes the manifest. Every choice sorts by the documents' corpus order
-and the partitions depend only on content hashes, so the same inputs and settings give
-byte-identical shards whatever the scheduling.
+documents and tokenizes them in parallel tasks (fused read -> parse -> MinHash band keys ->
+redact -> encode); near duplicates are found by grouping the band keys across workers
+(data/near_dedup.py); the encoded documents are hash-partitioned by content hash, and one task
+per partition drops exact duplicates (the first in corpus order is kept) and the near duplicates
+marked for it, assigns each document to train or val by its content hash, packs each split into
+rows of `seq_len + 1` ids and writes the partition's Parquet shards (data/partition_pack.py). The
+driver plans (tokenizer, partition count), gathers one small record per partition and writes the
+manifest. Every choice sorts by the documents' corpus order and the partitions depend only on
+content hashes, so the same inputs and settings give byte-identical shards whatever the
+scheduling.
 
 Everything is built in a hidden temporary dir next to `--out`, `manifest.json` last, and renamed
 into place at the end, so an interrupted run never leaves a dir that looks complete.
