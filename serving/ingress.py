@@ -131,7 +131,13 @@ def plain_headers(headers: list) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k.lower() not in skip}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+# Light: it relays bytes (and reads only `stream`); more replicas join when one holds 64 requests.
+# (Autoscaled also keeps Ray Serve 2.60 from warning, at every stop, that it cannot deregister a
+# fixed-size deployment's autoscaling state.)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64},
+)
 class Ingress:
     """A plain HTTP deployment (Serve allows one ASGI app per application: the engine's)."""
 
