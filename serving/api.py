@@ -139,8 +139,8 @@ class Prompt:
 class Choice:
     """One choice as it is generated: the prompt it continues and what it has handed out."""
 
-    def __init__(self, index: int, prompt: Prompt, params: SamplingParams, logprobs: CompletionLogprobs | None):
-        self.index, self.prompt, self.params = index, prompt, params
+    def __init__(self, index: int, prompt: Prompt, params: SamplingParams, logprobs: CompletionLogprobs | None, streaming: bool):
+        self.index, self.prompt, self.params, self.streaming = index, prompt, params, streaming
         self.completion_logprobs = logprobs  # completions with logprobs: the legacy shape, built as tokens come
         self.token_choices: list[TokenChoice] = []  # chat with logprobs: every token's
         self.text: list[str] = []
@@ -159,8 +159,8 @@ class Choice:
         if self.params.logprobs is None:
             return text, None
         if self.completion_logprobs is None:
-            self.token_choices += out.logprobs
-            return text, chat_logprobs(out.logprobs, texts) if out.logprobs else None
+            self.token_choices += out.logprobs  # a whole answer formats them once, at the end
+            return text, chat_logprobs(out.logprobs, texts) if out.logprobs and self.streaming else None
         parts = []
         if out.prompt_logprobs is not None:
             parts.append(self.completion_logprobs.add_prompt(self.prompt.ids, out.prompt_logprobs))
@@ -231,7 +231,7 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
             for j in range(req.n):
                 choice_params = dataclasses.replace(params, seed=choice_seed(params.seed, j))
                 logprobs = None if chat or params.logprobs is None else CompletionLogprobs(texts, len(prompt.echo or ""))
-                choices.append(Choice(p * req.n + j, prompt, choice_params, logprobs))
+                choices.append(Choice(p * req.n + j, prompt, choice_params, logprobs, req.stream))
         return choices
 
     def total_usage(prompts: list[Prompt], choices: list[Choice]) -> dict:
