@@ -125,6 +125,11 @@ def in_corpus_order(dataset):
 
 def with_progress_bars(dataset):
     dataset.context.enable_progress_bars = sys.stderr.isatty()
+    # Ray Data reserves half the CPUs for its operators in equal shares by default. Ahead of the
+    # hash shuffle's operators, that kept the encode stage (nearly all the work) to one task at a
+    # time on a 2-CPU cluster, and to about two thirds of any cluster. Our operators are plain
+    # tasks that give their CPUs back, so none can starve the others for good.
+    dataset.context.op_resource_reservation_enabled = False
     return dataset
 
 
