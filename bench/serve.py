@@ -1,11 +1,11 @@
 """Serving benchmark: the engine and the HTTP endpoint against a no-cache, one-at-a-time baseline.
 
-    python bench/serve.py [--model MODEL_DIR] [--requests-per-client 4] [--max-tokens 64] [--json OUT]
+    python bench/serve.py [--model MODEL_DIR] [--requests-per-client 4] [--max-tokens 64] [--json OUT] [--engine-only]
 
 In one run:
 1. decode step time at context 64 and 512 (batch 1, lower-quartile step, best of 3): the engine (KV cache) vs the
    baseline (a full forward over the whole sequence for every token). Target: engine(512) <= 1.5 x
-   engine(64).
+   engine(64). Then the same at batch 8 (eight sequences decoding together). Target: <= 1.3x.
 2. output tokens/s of the baseline generating one request after another.
 3. a bounded load (asyncio + httpx, 127.0.0.1 only, a fixed number of streaming requests) against
    the Serve app at concurrency 1, 8 and 32: output tokens/s and time to first token p50/p99.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -36,6 +37,7 @@ from raylm.inference.engine import Engine, EngineConfig  # noqa: E402
 from raylm.inference.sampling import SamplingParams  # noqa: E402
 
 CONTEXTS = (64, 512)
+BATCH = 8  # sequences decoding together in the batched step figure
 CONCURRENCY = (1, 8, 32)
 PROMPT = "def add(a, b):\n    return a + b\n"
 
@@ -73,6 +75,21 @@ def engine_step_ms(engine: Engine, context: int, steps: int) -> float:
         times.append(time.perf_counter() - started)
     assert len(seq.output_ids) == steps + 1
     return quartile(times) * 1000
+
+
+def engine_batch_step_ms(engine: Engine, context: int, steps: int, batch: int) -> float:
+    """Lower-quartile decode step with `batch` sequences of `context` tokens decoding together."""
+    prompt = torch.randint(0, engine.model_config.vocab_size, (context,)).tolist()
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    seqs = [engine.submit(prompt, params, lambda out: None) for _ in range(batch)]
+    while any(not seq.output_ids for seq in seqs):  # every prompt prefilled: from here on all decode
+        engine.step()
+    times = []
+    while engine.has_work():
+        started = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - started)
+    return quartile(times[:steps]) * 1000
 
 
 @torch.inference_mode()
@@ -193,6 +210,7 @@ def main() -> int:
     parser.add_argument("--replica-cpus", type=float, default=1, help="num_cpus (= torch threads) of the Serve replica; the rest is left to the proxy and the load generator")
     parser.add_argument("--stream-interval-s", type=float, default=0.0, help="the app's stream_interval_s (least time between SSE writes)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--engine-only", action="store_true", help="only the in-process decode steps (part 1), no HTTP load")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))
@@ -207,19 +225,30 @@ def main() -> int:
     runs = [{c: (engine_step_ms(engine, c, args.steps), baseline_step_ms(engine, c, max(8, args.steps // 4))) for c in CONTEXTS} for _ in range(3)]
     steps = {c: {"engine_ms": min(r[c][0] for r in runs), "baseline_ms": min(r[c][1] for r in runs)} for c in CONTEXTS}
     prompt_ids = engine.encode_prompt(PROMPT)
+    del engine
+    batched = Engine(model_dir, dataclasses.replace(config, max_batch_size=BATCH))
+    engine_batch_step_ms(batched, CONTEXTS[0], 4, BATCH)  # warm-up
+    batch_runs = [{c: engine_batch_step_ms(batched, c, args.steps, BATCH) for c in CONTEXTS} for _ in range(3)]
+    batch_steps = {c: min(r[c] for r in batch_runs) for c in CONTEXTS}
+    del batched
+    lo, hi = CONTEXTS
+    step_ratio = steps[hi]["engine_ms"] / steps[lo]["engine_ms"]
+    base_ratio = steps[hi]["baseline_ms"] / steps[lo]["baseline_ms"]
+    batch_ratio = batch_steps[hi] / batch_steps[lo]
+    print("\ndecode step (batch 1)      context 64   context 512   512/64")
+    print(f"  engine (KV cache)       {steps[lo]['engine_ms']:9.2f} ms  {steps[hi]['engine_ms']:9.2f} ms   {step_ratio:5.2f}x  (target <= 1.5x)")
+    print(f"  baseline (no cache)     {steps[lo]['baseline_ms']:9.2f} ms  {steps[hi]['baseline_ms']:9.2f} ms   {base_ratio:5.2f}x")
+    print(f"decode step (batch {BATCH})      {batch_steps[lo]:9.2f} ms  {batch_steps[hi]:9.2f} ms   {batch_ratio:5.2f}x  (target <= 1.3x)")
+    if args.engine_only:
+        return 0
+    engine = Engine(model_dir, config)
     baseline_tps = baseline_tokens_per_s(engine, prompt_ids, requests=2, max_tokens=args.max_tokens)
     del engine
     rows, engine_stats = serve_and_load(model_dir, args, workdir)
 
-    lo, hi = CONTEXTS
-    step_ratio = steps[hi]["engine_ms"] / steps[lo]["engine_ms"]
-    base_ratio = steps[hi]["baseline_ms"] / steps[lo]["baseline_ms"]
     by_c = {r["concurrency"]: r for r in rows}
     scale = by_c[max(CONCURRENCY)]["output_tokens_per_s"] / by_c[1]["output_tokens_per_s"]
 
-    print("\ndecode step (batch 1)      context 64   context 512   512/64")
-    print(f"  engine (KV cache)       {steps[lo]['engine_ms']:9.2f} ms  {steps[hi]['engine_ms']:9.2f} ms   {step_ratio:5.2f}x  (target <= 1.5x)")
-    print(f"  baseline (no cache)     {steps[lo]['baseline_ms']:9.2f} ms  {steps[hi]['baseline_ms']:9.2f} ms   {base_ratio:5.2f}x")
     print(f"\nbaseline, no cache, one request at a time: {baseline_tps:.1f} output tokens/s")
     print("\nHTTP (Serve, streaming)  requests  output tok/s  TTFT p50    TTFT p99")
     for r in rows:
@@ -228,7 +257,7 @@ def main() -> int:
           f"{by_c[max(CONCURRENCY)]['output_tokens_per_s'] / baseline_tps:.2f}x")
     print(f"engine: batch size max {engine_stats['batch_size_max']}, mean {engine_stats['batch_size_mean']:.1f}")
     if args.json:
-        figures = {"device": device, "steps": steps, "baseline_tokens_per_s": baseline_tps, "http": rows, "step_ratio": step_ratio,
+        figures = {"device": device, "steps": steps, "batch_steps": batch_steps, "batch_step_ratio": batch_ratio, "baseline_tokens_per_s": baseline_tps, "http": rows, "step_ratio": step_ratio,
                    "baseline_step_ratio": base_ratio, "throughput_scale": scale, "engine_stats": engine_stats}
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
