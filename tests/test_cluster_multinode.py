@@ -12,37 +12,19 @@ script): one process cannot `ray.init` two clusters, and the session's cluster m
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-RESULT_MARK = "RAYLM-MULTINODE-RESULT "
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: tests/ holds two_nodes
+
+from two_nodes import print_result, run_as_script, two_node_cluster  # noqa: E402
 
 
 def run_two_node_pretrain(workdir: Path) -> dict:
     """Start head + 2 worker nodes, prepare a tiny dataset, pretrain 2 workers through a dead worker; where they ran."""
-    import os
-    import shutil
-    import tempfile
+    with two_node_cluster(head_cpus=1, worker_cpus=2, worker_resources={"train_slot": 1}) as workers:
+        import ray
 
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway cluster on loopback
-    temp_dir = tempfile.mkdtemp(prefix="rlmn", dir="/tmp")  # short: Ray's unix socket paths
-    # Cluster writes its address to $RAY_TMPDIR/ray/ray_current_cluster; keep that file inside our temp
-    # dir so it neither needs /tmp/ray to exist nor repoints `ray.init()` of another cluster here.
-    os.environ["RAY_TMPDIR"] = temp_dir
-    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
-    node = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20}
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={**node, "num_cpus": 1, "temp_dir": temp_dir, "include_dashboard": False},
-    )
-    try:
-        workers = [cluster.add_node(**node, num_cpus=2, resources={"train_slot": 1}) for _ in range(2)]
-        ray.init(address=cluster.address)
         from raylm.data.prepare import main as prepare
         from raylm.training.pretrain import main as pretrain
 
@@ -62,20 +44,10 @@ def run_two_node_pretrain(workdir: Path) -> dict:
             "steps": [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()],
             "log": (run / "raylm.log").read_text(),
         }
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_pretrain_with_two_workers_on_two_nodes(tmp_path):
-    done = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=600,
-        cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-6000:]
-    result = json.loads(lines[-1][len(RESULT_MARK) :])
+    result = run_as_script(__file__, tmp_path)
     assert result["model_config"]
     assert len(result["train_worker_node_ids"]) == 4  # 2 workers, then 2 again after rank 1 died
     assert result["train_worker_node_ids"] == sorted(result["worker_node_ids"] * 2)  # one on each worker node, each time
@@ -85,4 +57,4 @@ def test_pretrain_with_two_workers_on_two_nodes(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    print(RESULT_MARK + json.dumps(run_two_node_pretrain(Path(sys.argv[1]))), flush=True)
+    print_result(run_two_node_pretrain(Path(sys.argv[1])))

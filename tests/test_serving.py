@@ -601,6 +601,16 @@ def test_a_replica_killed_under_load_gets_a_retry_or_json_behind_the_ingress(ser
         serve.delete("failover")
 
 
+def flood_of_six(url: str) -> list:
+    """Six long completions at once at an app that runs one and queues one: some answered, the rest 429."""
+    body = {"model": MODEL, "prompt": "def", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=120), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+    return responses
+
+
 def test_overload_gets_429_with_retry_after(server):
     from ray import serve
 
@@ -609,11 +619,7 @@ def test_overload_gets_429_with_retry_after(server):
         "backpressure_config": {"status_code": 429, "retry_after_s": 3}, "ray_actor_options": {"num_cpus": 0.25},
     })
     try:
-        body = {"model": MODEL, "prompt": "def", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=120), range(6)))
-        codes = sorted(r.status_code for r in responses)
-        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+        responses = flood_of_six(url)
         assert all(r.headers.get("retry-after") == "3" for r in responses if r.status_code == 429)
         assert httpx.get(f"{url}/health").status_code == 200
     finally:
@@ -631,11 +637,7 @@ def test_overload_behind_the_ingress_gets_a_json_429_with_retry_after(server):
     }), name="tight-ingress", route_prefix="/tight-ingress")
     url = f"http://127.0.0.1:{server[2]}/tight-ingress"
     try:
-        body = {"model": MODEL, "prompt": "def", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=120), range(6)))
-        codes = sorted(r.status_code for r in responses)
-        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+        responses = flood_of_six(url)
         for refused in (r for r in responses if r.status_code == 429):
             assert refused.headers["retry-after"] == "3" and refused.json()["error"]["code"] == "overloaded"
     finally:

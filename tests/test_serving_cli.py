@@ -83,11 +83,11 @@ def test_raylm_serve_runs_in_the_foreground_and_stops_cleanly(debug_model_dir, t
 def test_raylm_serve_refuses_an_exposed_address_without_a_key(debug_model_dir):
     env = {key: value for key, value in os.environ.items() if key not in ("RAYLM_API_KEY", "RAY_ADDRESS")}
     result = subprocess.run(
-        [sys.executable, "-m", "raylm.cli", "serve", "--model", str(debug_model_dir), "--host", "0.0.0.0"],
+        [sys.executable, "-m", "raylm.cli", "serve", "--model", str(debug_model_dir), "--host", "192.0.2.1"],
         capture_output=True, text=True, timeout=120, env=env,
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("raylm serve: error: refusing to serve on 0.0.0.0 without an API key")
+    assert result.stderr.startswith("raylm serve: error: refusing to serve on 192.0.2.1 without an API key")
     assert "--insecure-no-api-key" in result.stderr and "Started a local Ray instance" not in result.stderr
 
 

@@ -159,4 +159,4 @@ def test_an_exposed_address_without_a_key_needs_the_loud_opt_out(debug_model_dir
     assert plan.http["host"] == "10.1.2.3" and "WITHOUT an API key" in capsys.readouterr().err
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         plan_command(["--model", str(debug_model_dir), "--host", host])  # loopback needs no key
-    assert plan_command(["--model", str(debug_model_dir), "--host", "0.0.0.0", "--api-key", "k"])[0].http["host"] == "0.0.0.0"
+    assert plan_command(["--model", str(debug_model_dir), "--host", "192.0.2.1", "--api-key", "k"])[0].http["host"] == "192.0.2.1"
