@@ -146,6 +146,11 @@ def test_each_row_is_read_once_and_the_order_does_not_depend_on_the_world_size()
     one, reads = global_order(source, size=8)
     assert len(one) == 125 and sorted(i for _, rows in one for i in rows) == list(range(1000))  # every row, once
     assert reads == [1000]  # one worker reads each chunk once, though windows cut through chunks
+    readers: list = []
+    for _ in epoch_batches(source, 64, 7, 8, 0, 0, 0, 1, readers):
+        if len(readers) == 2:  # into the next epoch: the first reader is done and keeps no chunk or count
+            assert not readers[0].cached and not readers[0].uses and readers[0].rows_read == 1000
+            break
     for world in (2, 4, 8):
         many, reads = global_order(source, size=8, world=world)
         assert many == one, world  # the same global batches, whoever reads them

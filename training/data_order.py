@@ -86,8 +86,9 @@ class RankReader:
         self.uses[index] -= 1
         if self.uses[index] > 0:
             self.cached[index] = rows
-        else:
+        else:  # its last use: forget it, so a finished epoch's reader holds only its count
             self.cached.pop(index, None)
+            del self.uses[index]
         return rows
 
     def window(self, index: int, begin: int, end: int) -> Rows:
