@@ -5,8 +5,11 @@ encode 2.5x faster than whole files). A cut falls only where whitespace follows 
 character: the byte-level pre-tokenizer always breaks a word there and its regex looks only
 ahead, so the chunks' ids joined are exactly the whole document's ids (a test checks this).
 
-With `redact`, personal data and secrets are replaced by typed placeholders first
-(raylm.core.redact), on the workers, and counted per document.
+Before encoding, on the workers: the quality rules drop documents (data/quality.py),
+decontamination drops train documents that share a long n-gram with the val split or an
+evaluation set (data/decontaminate.py), and with `redact` personal data and secrets are replaced
+by typed placeholders (raylm.core.redact) and counted per document. Each row also carries what
+the cleaning report may show of it (data/cleaning_report.py).
 
 Each kept document's ids end with `<|endoftext|>`, the separator packing relies on; its
 content hash (blake2b-128 of the UTF-8 text) drives exact dedup and the train/val split.
@@ -15,13 +18,18 @@ content hash (blake2b-128 of the UTF-8 text) drives exact dedup and the train/va
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
 from raylm.core.redact import PLACEHOLDERS, redact_text
+from raylm.data.cleaning_report import EXAMPLES, redaction_examples, snippet
+from raylm.data.content_hash import content_hash
+from raylm.data.decontaminate import drop_contaminated, shared_words
 from raylm.data.quality import QualityConfig, quality_problem
 from raylm.model.chat import ENDOFTEXT
 
@@ -84,14 +92,12 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], chunk_chars: int = DEFA
     return ids
 
 
-def content_hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-def redact_documents(texts: list[str | None], skips: list[str | None]) -> dict[str, list[int]]:
+def redact_documents(texts: list[str | None], skips: list[str | None]) -> tuple[dict[str, list[int]], list[dict]]:
     """Replace personal data and secrets in `texts` in place (raylm.core.redact); a document that
-    is mostly secrets is skipped (`skips`). Returns the count per placeholder, one entry per document."""
+    is mostly secrets is skipped (`skips`). Returns the count per placeholder, one entry per document,
+    and per document its redaction examples (cleaning_report.redaction_examples)."""
     counts = {placeholder: [0] * len(texts) for placeholder in PLACEHOLDERS}
+    examples: list[dict] = [{} for _ in texts]
     for i, text in enumerate(texts):
         if text is None:
             continue
@@ -102,7 +108,8 @@ def redact_documents(texts: list[str | None], skips: list[str | None]) -> dict[s
             texts[i], skips[i] = None, "mostly_secrets"
         else:
             texts[i] = found.text
-    return counts
+            examples[i] = redaction_examples(found)
+    return counts, examples
 
 
 def redaction_column(placeholder: str) -> str:
@@ -119,36 +126,67 @@ def filter_quality(texts: list[str | None], skips: list[str | None], sources: li
                 texts[i], skips[i] = None, problem
 
 
+def example_column(batch: pa.Table, originals: list[str | None], texts: list[str | None], skips: list[str | None],
+                   redactions: list[dict], shared: list[int | None], ngram: int, redact: bool) -> pa.Array:
+    """Per row, what the cleaning report may show of it (JSON): for a kept document its start as
+    written and its redaction examples (any of them may turn out a duplicate in its partition); for
+    the first EXAMPLES documents per skip reason of the batch, in corpus order, a redacted snippet
+    (of a contaminated one, the shared n-gram)."""
+    examples: list[str | None] = [None] * len(texts)
+    for i, text in enumerate(texts):
+        if text is not None:
+            examples[i] = json.dumps({"snippet": snippet(text)} | ({"redacted": redactions[i]} if redactions[i] else {}))
+    orders = batch.column("order").to_pylist()
+    offered: Counter[str] = Counter()
+    for i in sorted((i for i, skip in enumerate(skips) if skip is not None and originals[i] is not None), key=orders.__getitem__):
+        offered[skips[i]] += 1
+        if offered[skips[i]] <= EXAMPLES and originals[i].strip():
+            shown = originals[i] if shared[i] is None else shared_words(originals[i], shared[i], ngram)
+            examples[i] = json.dumps({"snippet": snippet(redact_text(shown).text if redact else shown)})
+    return pa.array(examples, type=pa.string())
+
+
 def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_chars: int = DEFAULT_CHUNK_CHARS,
-                     redact: bool = False, quality: dict | None = None) -> pa.Table:
-    """Ray Data UDF: document rows -> {order, skip, error, hash, ids (+ separator), redacted_* counts,
-    and `bands` when the rows have them}.
-    The hash is of the document as read, so the split does not move with redaction. `quality`
-    (QualityConfig's fields) drops documents by data/quality.py's rules first."""
+                     redact: bool = False, quality: dict | None = None, decontaminate: dict | None = None) -> pa.Table:
+    """Ray Data UDF: document rows -> {order, source, skip, error, hash, ids (+ separator),
+    redacted_* counts, example (cleaning_report), and `bands` when the rows have them}.
+    The hash is of the document as read, so the split does not move with redaction. In order:
+    `quality` (QualityConfig's fields) drops documents by data/quality.py's rules; `decontaminate`
+    (drop_contaminated's `ngram`, `reference`, `val_fraction`) drops train documents that share an
+    n-gram with the val split or an evaluation set; `redact` replaces personal data and secrets."""
     tokenizer = cached_tokenizer(tokenizer_json)
     separator = tokenizer.token_to_id(ENDOFTEXT)
     originals = batch.column("text").to_pylist()
     texts, skips = list(originals), batch.column("skip").to_pylist()
     if quality is not None:
         filter_quality(texts, skips, batch.column("source").to_pylist(), QualityConfig(**quality))
-    counts = redact_documents(texts, skips) if redact else {placeholder: [0] * len(texts) for placeholder in PLACEHOLDERS}
+    hashes = [None if text is None else content_hash(originals[i]) for i, text in enumerate(texts)]
+    shared: list[int | None] = [None] * len(texts)
+    if decontaminate is not None:
+        shared = drop_contaminated(texts, skips, hashes, **decontaminate)
+    if redact:
+        counts, redactions = redact_documents(texts, skips)
+    else:
+        counts, redactions = {placeholder: [0] * len(texts) for placeholder in PLACEHOLDERS}, [{} for _ in texts]
     kept = [i for i, text in enumerate(texts) if text is not None]
     encoded = encode_texts(tokenizer, [texts[i] for i in kept], chunk_chars)
     ids: list[np.ndarray | None] = [None] * len(texts)
-    hashes: list[bytes | None] = [None] * len(texts)
     for i, doc_ids in zip(kept, encoded):
         doc_ids.append(separator)
         ids[i] = np.asarray(doc_ids, dtype=id_dtype)
-        hashes[i] = content_hash(originals[i])
+    hashes = [digest if text is not None else None for digest, text in zip(hashes, texts)]  # skipped rows carry none
+    ngram = decontaminate["ngram"] if decontaminate is not None else 0
     value_type = pa.uint16() if id_dtype == "uint16" else pa.uint32()
     return pa.table(
         {
             "order": batch.column("order"),
+            "source": batch.column("source"),
             "skip": pa.array(skips, type=pa.string()),
             "error": batch.column("error"),
             "hash": pa.array(hashes, type=pa.binary(16)),
             "ids": pa.array(ids, type=pa.large_list(value_type)),
             **{redaction_column(p): pa.array(n, type=pa.int32()) for p, n in counts.items()},
+            "example": example_column(batch, originals, texts, skips, redactions, shared, ngram, redact),
             **({"bands": batch.column("bands")} if "bands" in batch.column_names else {}),  # near-dedup's LSH keys
         }
     )

@@ -7,6 +7,7 @@ worker task, which:
 - sorts the partition's rows by corpus order (`order`), so what follows does not depend on how
   the rows arrived;
 - counts what was read, skipped and redacted, and keeps the first error in corpus order;
+- keeps the first few examples of each cleaning step (data/cleaning_report.py);
 - drops exact duplicates, keeping the first in corpus order, then the near duplicates that
   data/near_dedup.py marked (marks are rows of the same partition with `near_duplicate` set);
 - sends each document to train or val by its content hash (the top 64 bits against
@@ -34,6 +35,8 @@ import numpy as np
 import pyarrow as pa
 
 from raylm.core.redact import PLACEHOLDERS
+from raylm.data.cleaning_report import EXAMPLES
+from raylm.data.content_hash import is_val
 from raylm.data.encode import redaction_column
 from raylm.data.near_dedup import band_rows, mark_later_documents
 from raylm.data.pack import ShardWriter
@@ -55,10 +58,6 @@ def assign_partitions(batch: pa.Table, partitions: int) -> pa.Table:
     digests = batch.column("hash").to_pylist()
     column = [partition_of(digest, order, partitions) for digest, order in zip(digests, orders)]
     return batch.append_column("partition", pa.array(column, type=pa.int32()))
-
-
-def is_val(digest: bytes, val_fraction: float) -> bool:
-    return int.from_bytes(digest[:8], "big") < int(val_fraction * 2**64)
 
 
 def writer_identity() -> dict:
@@ -87,6 +86,7 @@ def pack_partition(group: pa.Table, root: str, seq_len: int, dtype: str, rows_pe
     partition = group.column("partition")[0].as_py()
     record = {"partition": partition, "read": rows.num_rows, "writer": writer_identity()}
     record["redacted"] = {p: int(np.asarray(rows.column(redaction_column(p))).sum()) for p in PLACEHOLDERS}
+    record["redacted_documents"] = {p: int((np.asarray(rows.column(redaction_column(p))) > 0).sum()) for p in PLACEHOLDERS}
     record["error"] = first_error(rows)
     if record["error"] != NO_ERROR:  # the run fails: write nothing for this partition
         record |= {"skipped": {}, "splits": {}}
@@ -94,28 +94,47 @@ def pack_partition(group: pa.Table, root: str, seq_len: int, dtype: str, rows_pe
 
     writers = {split: ShardWriter(Path(root), split, seq_len, dtype, rows_per_shard, partition=partition) for split in SPLITS}
     skipped: Counter[str] = Counter()
-    seen: set[bytes] = set()
+    examples: dict[str, list[dict]] = {}
+    seen: dict[bytes, str] = {}  # content hash -> source of its first copy
     ids = rows.column("ids").combine_chunks()
     offsets = ids.offsets.to_numpy()
     values = ids.values.to_numpy(zero_copy_only=False)
-    columns = (rows.column(name).to_pylist() for name in ("skip", "hash", "order"))
-    for i, (skip, digest, order) in enumerate(zip(*columns)):
+    columns = (rows.column(name).to_pylist() for name in ("skip", "hash", "order", "source", "example"))
+    for i, (skip, digest, order, source, example) in enumerate(zip(*columns)):
+        shown = json.loads(example) if example is not None else {}
+        offer_redactions(examples, order, source, shown)
         if skip is not None:
             skipped[skip] += 1
+            offer(examples, skip, order, source, shown)
             continue
         if dedup:
             if digest in seen:
                 skipped["duplicate"] += 1
+                offer(examples, "duplicate", order, source, shown, copy_of=seen[digest])
                 continue
-            seen.add(digest)
+            seen[digest] = source
         if order in near_duplicates:
             skipped["near_duplicate"] += 1
+            offer(examples, "near_duplicate", order, source, shown)
             continue
         split = "val" if is_val(digest, val_fraction) else "train"
         writers[split].add(values[offsets[i] : offsets[i + 1]])
     record["skipped"] = dict(skipped)
+    record["examples"] = examples
     record["splits"] = {split: writer.close() | {"tokens_in": writer.tokens_in} for split, writer in writers.items()}
     return pa.table({"partition": [partition], "record": [json.dumps(record)]})
+
+
+def offer(examples: dict[str, list[dict]], key: str, order: int, source: str, shown: dict, **extra) -> None:
+    """Keep this document as an example of `key` while the partition has fewer than EXAMPLES (rows come in corpus order)."""
+    chosen = examples.setdefault(key, [])
+    if len(chosen) < EXAMPLES:
+        chosen.append({"order": order, "source": source} | ({"snippet": shown["snippet"]} if "snippet" in shown else {}) | extra)
+
+
+def offer_redactions(examples: dict[str, list[dict]], order: int, source: str, shown: dict) -> None:
+    for placeholder, before_after in shown.get("redacted", {}).items():
+        offer(examples, placeholder, order, source, {}, **before_after)
 
 
 def near_duplicate_marks(encoded, partitions: int, schema: pa.Schema):

@@ -1,16 +1,18 @@
 """`raylm prepare --source SRC --out DIR`: a corpus -> a dataset dir (tokenizer + packed shards).
 
-The pipeline runs on the Ray workers; the driver touches no token. Ray Data reads and cleans
-documents and tokenizes them in parallel tasks (fused read -> parse -> MinHash band keys ->
-redact -> encode); near duplicates are found by grouping the band keys across workers
+The pipeline runs on the Ray workers; the driver touches no token. A first pass hashes the word
+n-grams of the val split's documents and of any evaluation sets into one set in the object store
+(data/decontaminate.py). Ray Data then reads and cleans documents and tokenizes them in parallel
+tasks (fused read -> parse -> MinHash band keys -> quality rules -> decontamination against that
+set -> redact -> encode); near duplicates are found by grouping the band keys across workers
 (data/near_dedup.py); the encoded documents are hash-partitioned by content hash, and one task
 per partition drops exact duplicates (the first in corpus order is kept) and the near duplicates
 marked for it, assigns each document to train or val by its content hash, packs each split into
 rows of `seq_len + 1` ids and writes the partition's Parquet shards (data/partition_pack.py). The
 driver plans (tokenizer, partition count), gathers one small record per partition and writes the
-manifest. Every choice sorts by the documents' corpus order and the partitions depend only on
-content hashes, so the same inputs and settings give byte-identical shards whatever the
-scheduling.
+manifest, with each cleaning step's counts and first examples (data/cleaning_report.py). Every
+choice sorts by the documents' corpus order and the partitions depend only on content hashes, so
+the same inputs and settings give byte-identical shards whatever the scheduling.
 
 Everything is built in a hidden temporary dir next to `--out`, `manifest.json` last, and renamed
 into place at the end, so an interrupted run never leaves a dir that looks complete.
@@ -34,7 +36,10 @@ from raylm.core.config import apply_overrides, from_dict, override_pairs
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 from raylm.core.files import atomic_dir
+from raylm.core.redact import PLACEHOLDERS
+from raylm.data.cleaning_report import cleaning_section, merge_examples, report_lines
 from raylm.data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
+from raylm.data.decontaminate import build_reference
 from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents
 from raylm.data.near_dedup import add_band_keys, lsh_params
 from raylm.data.partition_pack import NO_ERROR, SPLITS, pack_on_workers
@@ -67,6 +72,10 @@ class PrepareConfig:
     redact: bool = True  # replace personal data and secrets with <EMAIL>, <SECRET>, ... (raylm/core/redact.py); drop documents mostly secrets
     quality_filter: bool = True  # drop documents that fail the quality rules of their kind, code or prose (data/quality.py)
     quality: QualityConfig = field(default_factory=QualityConfig)  # the rules' thresholds, e.g. quality.min_words=20
+    decontaminate: bool = True  # drop train documents that share a run of decontaminate_ngram words with the val split or an evaluation set
+    decontaminate_ngram: int = 13  # words (split on whitespace) in the shared run that marks a train document contaminated (GPT-3: 13)
+    decontaminate_against: list[str] = field(default_factory=list)  # evaluation sets, each a source as --source takes one, e.g. decontaminate_against=[evals/qa.jsonl]
+    decontaminate_text_field: str = "text"  # the field (or column) of the evaluation sets' records that holds the text
     max_doc_bytes: int = 4_000_000  # a larger single document is an error (likely a mistake in the source)
     shard_tokens: int = 4_194_304  # about this many tokens per Parquet shard
     partition_bytes: int = 16_000_000  # input text per hash partition: one worker task dedups, packs and writes each; each drops its own tail
@@ -84,11 +93,13 @@ class PrepareConfig:
         if not 0 < self.near_dedup_threshold < 1:
             raise UserError(f"--near-dedup-threshold must be in (0, 1), got {self.near_dedup_threshold}")
         for name in ("tokenizer_sample_bytes", "max_doc_bytes", "shard_tokens", "partition_bytes", "chunk_chars",
-                     "near_dedup_permutations", "near_dedup_shingle_words"):
+                     "near_dedup_permutations", "near_dedup_shingle_words", "decontaminate_ngram"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if "://" in self.out:
             raise UserError(f"--out {self.out!r}: write the dataset to a local or mounted path (object-store output is not supported)")
+        if self.decontaminate_against and not self.decontaminate:
+            raise UserError("decontaminate_against names evaluation sets, but --no-decontaminate turns decontamination off; drop one of them")
 
 
 def parse_args(argv: list[str] | None) -> PrepareConfig:
@@ -237,8 +248,11 @@ def check_splits(cfg: PrepareConfig, documents: dict, splits: dict) -> None:
 
 
 def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer_info: dict, dtype: str, records: list[dict],
-                   partitions: int, seconds: float) -> dict:
+                   partitions: int, decontamination: dict | None, seconds: float) -> dict:
     documents = gather_documents(records, cfg.redact)
+    redacted_documents = {p: sum(record["redacted_documents"][p] for record in records) for p in PLACEHOLDERS} if cfg.redact else None
+    switches = {"dedup": cfg.dedup, "near_dedup": cfg.near_dedup, "quality_filter": cfg.quality_filter}
+    cleaning = cleaning_section(switches, documents["skipped"], documents.get("redacted"), redacted_documents, merge_examples(records), decontamination)
     splits = {split: gather_split(records, split) for split in SPLITS}
     check_splits(cfg, documents, splits)
     produced = sum(record["splits"][split]["tokens_in"] for record in records for split in SPLITS)
@@ -261,6 +275,7 @@ def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer
         "splits": splits,
         "packing": gather_packing(records, partitions, produced),
         **({"near_dedup": near_dedup_settings(cfg) | {"threshold": cfg.near_dedup_threshold}} if cfg.near_dedup else {}),
+        "cleaning": cleaning,
         "settings": settings,
         "created_by": f"raylm prepare {__version__}",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -268,7 +283,35 @@ def build_manifest(cfg, corpus: Corpus, tokenizer, tokenizer_sha: str, tokenizer
     }
 
 
-def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float) -> dict:
+def evaluation_sets(cfg: PrepareConfig) -> dict[str, Corpus]:
+    """decontaminate_against's sources, resolved (listed) before any work; a bad one names the key."""
+    sets = {}
+    for index, spec in enumerate(cfg.decontaminate_against):
+        try:
+            sets[spec] = resolve_source(spec, cfg.decontaminate_text_field)
+        except UserError as err:
+            raise UserError(f"decontaminate_against[{index}]: {err} (each entry is an evaluation set as --source takes one: a .jsonl, "
+                            "text or Parquet file, a dir, a glob, hf:NAME or a URI; its text in decontaminate_text_field)") from None
+    return sets
+
+
+def decontamination_pass(cfg: PrepareConfig, documents, eval_sets: dict[str, Corpus]) -> tuple[dict | None, dict | None]:
+    """(encode_documents' `decontaminate` argument, or None; the manifest's record of what was compared)."""
+    if not cfg.decontaminate:
+        return None, None
+    sets = {name: with_progress_bars(corpus.documents(cfg.max_doc_bytes)) for name, corpus in eval_sets.items()}
+    quality = asdict(cfg.quality) if cfg.quality_filter else None
+    reference, record = build_reference(documents, sets, cfg.decontaminate_ngram, cfg.val_fraction, quality)
+    if record["error"] is not None:
+        name, message = record["error"]
+        raise UserError(f"decontaminate_against {name!r}: {message}")
+    info = {"ngram_words": cfg.decontaminate_ngram, "against": record["documents"], "reference_ngrams": record["ngrams"]}
+    if reference is None:
+        return None, info
+    return {"ngram": cfg.decontaminate_ngram, "reference": reference, "val_fraction": cfg.val_fraction}, info
+
+
+def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float, eval_sets: dict[str, Corpus]) -> dict:
     documents = corpus.documents(cfg.max_doc_bytes)
     if cfg.max_docs is not None:
         documents = in_corpus_order(documents).limit(cfg.max_docs)
@@ -276,18 +319,20 @@ def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float)
     dtype = "uint16" if tokenizer.get_vocab_size(with_added_tokens=True) <= 65536 else "uint32"
     tokenizer_sha = save_tokenizer(tokenizer, tmp / "tokenizer", cfg.seq_len)
     documents = with_progress_bars(documents)
+    decontaminate, decontamination = decontamination_pass(cfg, documents, eval_sets)
     if cfg.near_dedup:
         documents = documents.map_batches(add_band_keys, batch_format="pyarrow", fn_kwargs=near_dedup_settings(cfg))
     encoded = documents.map_batches(
         encode_documents,
         batch_format="pyarrow",
         fn_kwargs={"tokenizer_json": tokenizer.to_str(), "id_dtype": dtype, "chunk_chars": cfg.chunk_chars, "redact": cfg.redact,
-                   "quality": asdict(cfg.quality) if cfg.quality_filter else None},
+                   "quality": asdict(cfg.quality) if cfg.quality_filter else None, "decontaminate": decontaminate},
     )
     partitions = plan_partitions(cfg, corpus)
     rows_per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))
     records = pack_on_workers(encoded, partitions, tmp, cfg.seq_len, dtype, rows_per_shard, cfg.val_fraction, cfg.dedup, cfg.near_dedup)
-    manifest = build_manifest(cfg, corpus, tokenizer, tokenizer_sha, tokenizer_info, dtype, records, partitions, time.perf_counter() - started)
+    manifest = build_manifest(cfg, corpus, tokenizer, tokenizer_sha, tokenizer_info, dtype, records, partitions, decontamination,
+                              time.perf_counter() - started)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -303,9 +348,11 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         print(f"kept the existing dataset at {out} ({kept['source']}, seq_len {kept['seq_len']}); pass --overwrite to rebuild it")
         return kept
     corpus = resolve_source(cfg.source, cfg.text_field)
+    eval_sets = evaluation_sets(cfg)
     init_ray(cfg.address)
     with atomic_dir(out) as tmp:
-        manifest = build_dataset(cfg, corpus, tmp, started)
+        manifest = build_dataset(cfg, corpus, tmp, started, eval_sets)
+    print("\n".join(["cleaning:", *report_lines(manifest["cleaning"])]))
     print(summary(str(out), manifest))
     return manifest
 

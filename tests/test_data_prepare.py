@@ -516,3 +516,72 @@ def test_near_duplicates_are_dropped_as_datasketch_finds_them(stdlib_dataset, ne
 
     everything = prepare(tmp_path / "all", near_duplicate_corpus, stdlib_dataset, near_dedup=False, **settings)
     assert everything["documents"]["kept"] == len(expected) + dropped and "near_dedup" not in everything
+
+
+# ---- decontamination and the cleaning report -------------------------------------------------------
+
+
+def words_text(rng: random.Random, count: int) -> str:
+    return " ".join(f"{rng.choice('bcdfgklmnprst')}{rng.choice('aeiou')}{rng.randrange(10_000)}" for _ in range(count))
+
+
+def train_chosen(make, val_fraction: float) -> str:
+    """The first text `make(attempt)` gives that the split sends to train."""
+    from raylm.data.content_hash import content_hash, is_val
+
+    return next(text for text in map(make, range(100)) if not is_val(content_hash(text), val_fraction))
+
+
+@pytest.fixture
+def contaminated_corpus(tmp_path):
+    """A corpus whose train documents share 13 or 12 consecutive words with a val document or an
+    evaluation set's document, and an evaluation set (JSONL) of one document."""
+    from raylm.data.content_hash import content_hash, is_val
+
+    rng = random.Random(15)
+    filler = [words_text(rng, 40) for _ in range(30)]
+    val_doc = next(text for text in filler if is_val(content_hash(text), 0.5))
+    eval_doc = words_text(rng, 40)
+
+    def planted(source: str, start: int, length: int, name: str):
+        shared = " ".join(source.split()[start : start + length])
+        return train_chosen(lambda attempt: f"{name} {attempt} {words_text(rng, 10)} {shared} {words_text(rng, 10)}", 0.5)
+
+    plants = {"val13": planted(val_doc, 5, 13, "val13"), "val12": planted(val_doc, 20, 12, "val12"),
+              "eval13": planted(eval_doc, 3, 13, "eval13"), "eval12": planted(eval_doc, 20, 12, "eval12")}
+    root = tmp_path / "contaminated"
+    root.mkdir()
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [*plants.values(), *filler]))  # the tail cuts a filler
+    evals = tmp_path / "evals.jsonl"
+    evals.write_text(json.dumps({"question": eval_doc}) + "\n")
+    return root, evals, plants
+
+
+def test_train_documents_sharing_13_words_with_val_or_an_eval_set_are_dropped(stdlib_dataset, contaminated_corpus, tmp_path):
+    root, evals, plants = contaminated_corpus
+    settings = dict(seq_len=8, val_fraction=0.5, decontaminate_against=[str(evals)], decontaminate_text_field="question")
+    manifest = prepare(tmp_path / "out", root, stdlib_dataset, **settings)
+    assert manifest["documents"]["skipped"] == {"contaminated": 2}
+    step = manifest["cleaning"]["decontamination"]
+    assert step["dropped"] == 2 and step["ngram_words"] == 13 and step["against"]["val"] >= 1 and step["against"][str(evals)] == 1
+    shown = {example["snippet"] for example in step["examples"]}
+    assert shown == {" ".join(plants[name].split()[12:25]) for name in ("val13", "eval13")}  # the shared 13 words
+    tokenizer = Tokenizer.from_file(f"{tokenizer_dir(tmp_path / 'out')}/tokenizer.json")
+    train = "\n".join(documents_in(partition_rows(tmp_path / "out", manifest, 0, "train"), 0, tokenizer))
+    assert plants["val13"] not in train and plants["eval13"] not in train
+    assert plants["val12"] in train and plants["eval12"] in train  # 12 shared words are not contamination
+
+    kept = prepare(tmp_path / "kept", root, stdlib_dataset, seq_len=8, val_fraction=0.5, decontaminate=False)
+    assert "contaminated" not in kept["documents"]["skipped"] and "decontamination" not in kept["cleaning"]
+
+
+def test_a_bad_evaluation_set_is_an_error_naming_the_key(stdlib_dataset, contaminated_corpus, tmp_path):
+    root, evals, _ = contaminated_corpus
+    with pytest.raises(UserError, match=r"decontaminate_against\[0\]: --source .*missing.jsonl' does not exist.*evaluation set"):
+        prepare(tmp_path / "out", root, stdlib_dataset, decontaminate_against=[str(tmp_path / "missing.jsonl")])
+    with pytest.raises(UserError, match=r"decontaminate_against .*evals.jsonl': .*no field 'text'"):
+        prepare(tmp_path / "out", root, stdlib_dataset, decontaminate_against=[str(evals)])
+    with pytest.raises(UserError, match="config key 'decontaminate_against': expected a list"):
+        from raylm.data.prepare import parse_args
+
+        parse_args(["--source", "stdlib", "--out", "x", f"decontaminate_against={evals}"])

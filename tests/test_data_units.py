@@ -194,3 +194,30 @@ def test_shingles_are_runs_of_words_whatever_the_whitespace():
     assert len(shingle_hashes("a b c d e f", 5)) == 2 and len(shingle_hashes("a b", 5)) == 1
     assert len(set(shingle_hashes(" ".join(str(i) for i in range(100)), 3).tolist())) == 98  # distinct runs, distinct hashes
     assert not np.array_equal(shingle_hashes("ab c d e f", 5), shingle_hashes("a bc d e f", 5))
+
+
+def test_a_shared_run_of_13_words_is_found_and_one_of_12_is_not():
+    from raylm.data.decontaminate import first_shared_ngram, ngram_hashes, shared_words
+
+    reference_text = " ".join(f"r{i}" for i in range(40))
+    reference = np.unique(ngram_hashes(reference_text, 13))
+    assert len(reference) == 28 and len(ngram_hashes("only twelve words " * 4, 13)) == 0
+    thirteen = "some\tother words\n\n" + " ".join(f"r{i}" for i in range(10, 23)) + " and more"
+    twelve = "some other words " + " ".join(f"r{i}" for i in range(10, 22)) + " and more"
+    assert first_shared_ngram(thirteen, 13, reference) == 3
+    assert shared_words(thirteen, 3, 13) == " ".join(f"r{i}" for i in range(10, 23))
+    assert first_shared_ngram(twelve, 13, reference) is None
+    assert first_shared_ngram(twelve, 12, np.unique(ngram_hashes(reference_text, 12))) == 3
+
+
+def test_redaction_examples_mask_the_value_and_snippets_are_short():
+    from raylm.core.redact import redact_text
+    from raylm.data.cleaning_report import redaction_examples, snippet
+
+    found = redact_text("Deploy with key AKIAIOSFODNN7EXAMPLE and write to jane.doe@acme-corp.com when done.")
+    examples = redaction_examples(found)
+    assert examples["<SECRET>"]["after"] == "Deploy with key <SECRET> and write to <EMAIL> when done."
+    assert examples["<SECRET>"]["before"] == "Deploy with key AK****** and write to <EMAIL> when done."
+    assert examples["<EMAIL>"]["before"].endswith("write to ja****** when done.")
+    assert "AKIAIOSFODNN7EXAMPLE" not in json.dumps(examples) and "acme-corp" not in json.dumps(examples)
+    assert snippet("a\n\n  b " + "x" * 300) == "a b " + "x" * 95 + "…"

@@ -21,7 +21,8 @@ later a store of the prompts an endpoint collected. What it replaces, and what i
   `(555) 123-4567` / `555-123-4567` shapes, with separators; bare digit runs stay (they are ids,
   counts and constants far more often than phone numbers).
 
-`redact_text` returns a `Redaction`: the text, the count per placeholder, and how much of the
+`redact_text` returns a `Redaction`: the text, the count per placeholder, the first value each
+placeholder replaced (prepare shows it masked in its examples, never whole), and how much of the
 text was secrets (prepare drops a document that is mostly secrets).
 """
 
@@ -168,6 +169,14 @@ class Redaction:
     text: str  # the text with placeholders
     counts: Counter = field(default_factory=Counter)  # placeholder -> how many replaced
     secret_chars: int = 0  # characters of the original that were secrets
+    first: dict = field(default_factory=dict)  # placeholder -> the first value it replaced (for masked examples)
+
+    def replaced(self, placeholder: str, value: str) -> None:
+        """Count one replacement of `value` by `placeholder`."""
+        self.counts[placeholder] += 1
+        self.first.setdefault(placeholder, value)
+        if placeholder == "<SECRET>":
+            self.secret_chars += len(value)
 
     @property
     def secret_share(self) -> float:
@@ -180,9 +189,7 @@ def substitute(found: Redaction, pattern: re.Pattern, placeholder: str, keep: Ca
     def replace(match: re.Match) -> str:
         if keep is not None and keep(match):
             return match.group(0)
-        found.counts[placeholder] += 1
-        if placeholder == "<SECRET>":
-            found.secret_chars += len(match.group(0))
+        found.replaced(placeholder, match.group(0))
         return placeholder
 
     found.text = pattern.sub(replace, found.text)
@@ -196,8 +203,8 @@ def redact_emails(found: Redaction) -> None:
         if local is None or local.start() < last or EXAMPLE_DOMAINS.search(match.group(1)):
             continue
         pieces += [text[last : local.start()], "<EMAIL>"]
+        found.replaced("<EMAIL>", text[local.start() : match.end()])
         last = match.end()
-        found.counts["<EMAIL>"] += 1
     found.text = "".join(pieces) + text[last:] if pieces else text
 
 
@@ -237,7 +244,7 @@ def redact_ipv6(found: Redaction) -> None:
         if match is None or match.start() < last or not is_personal_ip(match.group(0)):
             continue
         pieces += [text[last : match.start()], "<IP_ADDRESS>"]
-        found.counts["<IP_ADDRESS>"] += 1
+        found.replaced("<IP_ADDRESS>", match.group(0))
         last = match.end()
     found.text = "".join(pieces) + text[last:] if pieces else text
 
@@ -255,7 +262,7 @@ def redact_number_runs(found: Redaction) -> None:
                 break
             start, stop, placeholder = hit
             pieces += [text[last:start], placeholder]
-            found.counts[placeholder] += 1
+            found.replaced(placeholder, text[start:stop])
             last = position = stop
     found.text = "".join(pieces) + text[last:] if pieces else text
 

@@ -1,0 +1,157 @@
+"""Decontamination: a training document that shares a long word n-gram with the val split or with an
+evaluation set is dropped, so that neither measures text the model was trained on.
+
+An n-gram is a run of `ngram` consecutive words (split on ASCII whitespace and compared byte for
+byte, as near-dedup's shingles; data/near_dedup.py), hashed to 64 bits. Words, not the BPE's
+tokens: the check then does not depend on the tokenizer (an evaluation set is compared as text),
+and 13 words is GPT-3's choice (Brown et al. 2020, appendix C), whereas 13 BPE tokens of code are
+a few words, the size of the boilerplate every file shares. A document of fewer than `ngram`
+words has no n-gram: it neither contaminates nor is dropped.
+
+Two passes, both on the Ray workers:
+1. The reference set: `reference_ngrams` (a Ray Data UDF) hashes the n-grams of the documents the
+   val split chooses (by content hash, as data/partition_pack.py does; those that the quality rules
+   would drop are left out, since they never reach val) and of every document of each evaluation
+   set, one row of unique hashes per block; one task (`merge_reference`) merges the blocks into one
+   sorted array in the object store. The driver holds its reference, not its contents.
+2. The check: each encode task (data/encode.py) takes that array from the object store (zero-copy,
+   once per process) and drops every train document with an n-gram in it (`first_shared_ngram`,
+   a binary search per n-gram), as `contaminated`.
+
+Why a broadcast set and not a hash-partitioned join of n-grams: the join would shuffle one row per
+word of the whole corpus, while the set holds only the val split's and the evaluation sets' n-grams,
+8 bytes per word of them: 0.9 MB for the embedded corpus's val split, 80 MB for 10 M words of val and
+evaluation text. Past a few hundred MB (a val split of billions of words), the join is the way.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+
+from raylm.data.content_hash import content_hash, is_val
+from raylm.data.near_dedup import WORD_BASE, power_table, word_hashes
+from raylm.data.quality import QualityConfig, quality_problem
+
+WORD = re.compile(r"[^\t\n\x0b\x0c\r ]+")  # a word as word_hashes splits them (ASCII whitespace only)
+REFERENCE_SCHEMA = pa.schema([("set", pa.string()), ("ngrams", pa.large_list(pa.uint64())), ("documents", pa.int64()),
+                              ("error_order", pa.int64()), ("error", pa.string())])
+
+# The reference array of the last set this worker process used: (object ref id, array).
+_REFERENCE: tuple[str, np.ndarray] | None = None
+
+
+def ngram_hashes(text: str, ngram: int) -> np.ndarray:
+    """64-bit hashes of the runs of `ngram` consecutive words of `text` (none when it is shorter)."""
+    words = word_hashes(text)
+    count = len(words) - ngram + 1
+    if count < 1:
+        return np.zeros(0, dtype=np.uint64)
+    mixed = np.zeros(count, dtype=np.uint64)
+    for offset, factor in enumerate(power_table(WORD_BASE, ngram)):
+        mixed += words[offset : offset + count] * factor
+    mixed ^= mixed >> np.uint64(29)  # the low bits of a polynomial hash mix poorly: fold the high ones in
+    return mixed * np.uint64(0xBF58476D1CE4E5B9)
+
+
+def reference_ngrams(batch: pa.Table, set_name: str, ngram: int, val_fraction: float | None, quality: dict | None) -> pa.Table:
+    """Ray Data UDF: document rows -> one row: the unique n-gram hashes of the batch's reference
+    documents (with `val_fraction`, those the val split chooses; without, all: an evaluation set),
+    how many there were, and the first error among the rows (order, message)."""
+    rules = QualityConfig(**quality) if quality is not None else None
+    texts, sources = batch.column("text").to_pylist(), batch.column("source").to_pylist()
+    chosen = []
+    for text, skip, source in zip(texts, batch.column("skip").to_pylist(), sources):
+        if text is None or skip is not None:
+            continue
+        if val_fraction is not None and not is_val(content_hash(text), val_fraction):
+            continue
+        if rules is not None and quality_problem(text, source, rules) is not None:
+            continue
+        chosen.append(ngram_hashes(text, ngram))
+    ngrams = np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.uint64)
+    errors = [(order, error) for order, error in zip(batch.column("order").to_pylist(), batch.column("error").to_pylist()) if error]
+    error_order, error = min(errors) if errors else (None, None)
+    return pa.table({"set": [set_name], "ngrams": pa.array([ngrams], type=pa.large_list(pa.uint64())), "documents": [len(chosen)],
+                     "error_order": pa.array([error_order], type=pa.int64()), "error": pa.array([error], type=pa.string())},
+                    schema=REFERENCE_SCHEMA)
+
+
+def merge_reference(*blocks: pa.Table) -> tuple[np.ndarray, dict]:
+    """Ray task over reference_ngrams' blocks: (the sorted unique n-gram hashes, a small record:
+    documents per set, the n-grams in all, and the first error of an evaluation set, if any)."""
+    table = pa.concat_tables(blocks)
+    values = table.column("ngrams").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    reference = np.unique(values.astype(np.uint64))
+    documents: dict[str, int] = {}
+    for name, count in zip(table.column("set").to_pylist(), table.column("documents").to_pylist()):
+        documents[name] = documents.get(name, 0) + count
+    errors = [(order, name, error) for name, order, error in
+              zip(table.column("set").to_pylist(), table.column("error_order").to_pylist(), table.column("error").to_pylist()) if error]
+    first = min(errors) if errors else None
+    return reference, {"documents": documents, "ngrams": int(len(reference)), "error": first and [first[1], first[2]]}
+
+
+def reference_array(reference) -> np.ndarray:
+    """The reference set behind an object ref, fetched once per worker process."""
+    global _REFERENCE
+    import ray
+
+    key = reference.hex()
+    if _REFERENCE is None or _REFERENCE[0] != key:
+        _REFERENCE = (key, ray.get(reference))
+    return _REFERENCE[1]
+
+
+def first_shared_ngram(text: str, ngram: int, reference: np.ndarray) -> int | None:
+    """The word position of `text`'s first n-gram that is in `reference` (sorted), or None."""
+    hashes = ngram_hashes(text, ngram)
+    if not len(hashes) or not len(reference):
+        return None
+    index = np.minimum(np.searchsorted(reference, hashes), len(reference) - 1)
+    hits = np.flatnonzero(reference[index] == hashes)
+    return int(hits[0]) if len(hits) else None
+
+
+def shared_words(text: str, position: int, ngram: int) -> str:
+    """The words `position` to `position + ngram` of `text`, as first_shared_ngram counts them."""
+    words = [match.group(0) for _, match in zip(range(position + ngram), WORD.finditer(text))]
+    return " ".join(words[position:])
+
+
+def drop_contaminated(texts: list[str | None], skips: list[str | None], digests: list[bytes | None], ngram: int, reference,
+                      val_fraction: float) -> list[int | None]:
+    """Drop, in place, the train documents (by content hash) that share an n-gram with the reference
+    set (an object ref); `skips` gets `contaminated`. Returns the shared n-gram's word position per document."""
+    array = reference_array(reference)
+    positions: list[int | None] = [None] * len(texts)
+    for i, text in enumerate(texts):
+        if text is None or is_val(digests[i], val_fraction):
+            continue
+        positions[i] = first_shared_ngram(text, ngram, array)
+        if positions[i] is not None:
+            texts[i], skips[i] = None, "contaminated"
+    return positions
+
+
+def build_reference(documents, eval_sets: dict, ngram: int, val_fraction: float, quality: dict | None):
+    """Pass 1 on the cluster: the reference set of the val split (chosen among `documents`, a Ray
+    Dataset of document rows) and of `eval_sets` ({name: Ray Dataset of document rows}). Returns
+    (an object ref to the sorted n-gram hashes, or None when there is nothing to compare against;
+    merge_reference's record)."""
+    import ray
+
+    parts = []
+    if val_fraction > 0:
+        parts.append(documents.map_batches(reference_ngrams, batch_format="pyarrow",
+                                           fn_kwargs={"set_name": "val", "ngram": ngram, "val_fraction": val_fraction, "quality": quality}))
+    for name, dataset in eval_sets.items():
+        parts.append(dataset.map_batches(reference_ngrams, batch_format="pyarrow",
+                                         fn_kwargs={"set_name": name, "ngram": ngram, "val_fraction": None, "quality": None}))
+    if not parts:
+        return None, {"documents": {}, "ngrams": 0, "error": None}
+    blocks = parts[0].union(*parts[1:]).materialize().to_arrow_refs() if len(parts) > 1 else parts[0].materialize().to_arrow_refs()
+    reference, record = ray.remote(num_returns=2)(merge_reference).remote(*blocks)
+    return reference, ray.get(record)
