@@ -148,3 +148,34 @@ def test_a_checkpoint_from_before_completion_records_is_moved_aside_not_removed(
     assert lines == ["checkpoint_step00000008 cannot be checked, moved aside to checkpoint_step00000008.unrecorded: "
                      "it has no completion records (written before raylm kept them)"]
     assert (run_dir / "checkpoint_step00000008.unrecorded" / "raylm_state.json").is_file()
+
+
+def test_checkpoints_on_object_storage_are_recorded_checked_chosen_and_pruned_there(s3_server, tmp_path):
+    """The same rules against an S3-compatible server (moto on 127.0.0.1), where nothing renames:
+    a part without its record is partial, a shard rewritten shorter is broken and named, the broken
+    one is moved aside (copied, then removed), and pruning removes whole folders."""
+    from raylm.core import storage
+
+    home = s3_server("checkpoints") + "/run"
+
+    def remote_checkpoint(step: int, ranks=(0, 1)) -> str:
+        folder = storage.join(home, checkpoint_name(step))
+        for rank in ranks:
+            publish_part(write_part(tmp_path, rank, step), folder, rank, 2, step)
+        return folder
+
+    for step in (4, 8, 12):
+        remote_checkpoint(step)
+    half = remote_checkpoint(16, ranks=(0,))
+    assert verify(half, 16).partial
+    shard = f"{home}/{checkpoint_name(12)}/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    storage.write_bytes(shard, storage.read_bytes(shard)[:1000])
+    assert verify(f"{home}/{checkpoint_name(12)}", 12).reason.startswith("ds/zero_pp_rank_1_mp_rank_00_optim_states.pt has 1,000 bytes")
+    lines: list[str] = []
+    assert choose_resume_folder(home, lines.append) == f"{home}/{checkpoint_name(8)}"
+    assert lines[0].startswith(f"{checkpoint_name(16)} is partial, removed") and "moved aside to checkpoint_step00000012.broken" in lines[1]
+    names = {name for name, _ in storage.list_dir(home)}
+    assert names == {checkpoint_name(4), checkpoint_name(8), checkpoint_name(12) + ".broken"}
+    assert prune(home, keep=1) == [checkpoint_name(4)]
+    assert {name for name, _ in storage.list_dir(home)} == {checkpoint_name(8), checkpoint_name(12) + ".broken"}
+    assert verify(f"{home}/{checkpoint_name(8)}", 8) is None

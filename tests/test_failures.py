@@ -32,7 +32,7 @@ def lines(run):
 
 def test_a_dead_worker_is_one_line_naming_the_restart(tmp_path, capsys):
     run = run_dir_with(tmp_path, 26, {10: 2, 20: 2, 30: 1})  # 30: rank 1 never finished it
-    reporter = FailureReporter(str(run), max_failures=2)
+    reporter = FailureReporter(str(run), str(run), max_failures=2)
     reporter.after_exception(None, {1: ray.exceptions.ActorDiedError(), 0: RuntimeError("Connection closed by peer")})
     reporter.after_exception(None, {1: ray.exceptions.ActorDiedError()})
     reporter.after_exception(None, {0: ValueError("bad row 7\nin shard 3")})

@@ -1,5 +1,6 @@
 """`raylm finetune` end to end on the embedded chat set: held-out loss falls, the report tells the
-story, and the fine-tuned model dir answers through `raylm generate`.
+story, and the fine-tuned model dir answers through `raylm generate`. The base and the run dir are
+on an S3-compatible server (moto on 127.0.0.1).
 
 One real run (Ray Train, 2 workers, DeepSpeed ZeRO-2, the debug model) is shared by the tests.
 """
@@ -49,23 +50,31 @@ def transformers_greedy_chat(model_dir, prompt: str, max_new_tokens: int) -> str
 def sft_run(tmp_path_factory, ray_cluster, s3_server):
     from tiny_artifacts import make_model_dir, upload_dir
 
+    from raylm.core import storage
     from raylm.data.chat import read_chat_jsonl
+    from raylm.training.run_home import work_dir
 
     root = tmp_path_factory.mktemp("sft")
     chat = root / "stdlib-chat.jsonl"
     assert raylm(["prepare-chat", "--source", "stdlib", "--out", str(chat), "--max-records", "400"]) == 0
     records, _ = read_chat_jsonl(str(chat))
     base = make_model_dir(root / "base", train_tokenizer(records, root / "tokenizer"), seed=0)
-    out = root / "run"
-    # The base model dir on an S3-compatible server, as on a cluster without a shared disk: the
-    # driver and every worker copy it locally.
+    # The base model dir and the run dir on an S3-compatible server, as on a cluster without a
+    # shared disk: the driver and every worker copy the base locally; checkpoints, the chat
+    # dataset, the model dir and the report are written to the server.
     remote_base = s3_server("models") + "/base"
     upload_dir(base, remote_base)
-    rc = raylm(["finetune", "--config", "sft-debug", "--base", remote_base, "--data", str(chat), "--out", str(out),
+    home = s3_server("sft-runs") + "/run"
+    rc = raylm(["finetune", "--config", "sft-debug", "--base", remote_base, "--data", str(chat), "--out", home,
                 "--num-workers", "2", "--max-steps", "100"])
     assert rc == 0
-    assert (out / "chat-data" / "manifest.json").is_file()  # the JSONL became a chat dataset dir first, on Ray Data
-    return {"base": base, "out": out, "summary": json.loads((out / "finetune.json").read_text())}
+    on_server = storage.files_under(home)
+    # The JSONL became a chat dataset dir first, its shards written by Ray Data's workers.
+    assert "chat-data/manifest.json" in on_server and any(name.startswith("chat-data/train/") for name in on_server)
+    assert {"model/config.json", "model/model.safetensors", "finetune.json", "report.md", "plots/loss.png", "metrics.jsonl"} <= set(on_server)
+    local = work_dir(home)  # the driver's copy of the run's files, as sent
+    assert storage.read_bytes(f"{home}/report.md") == (local / "report.md").read_bytes()
+    return {"base": base, "out": local, "home": home, "summary": json.loads(storage.read_text(f"{home}/finetune.json"))}
 
 
 def test_sft_lowers_the_heldout_loss(sft_run):
@@ -91,7 +100,7 @@ def test_finetuned_model_dir_answers_through_raylm_generate(sft_run, capsys):
     assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
     prompt = "What does `json.dumps` do?"
     capsys.readouterr()
-    assert raylm(["generate", "--model", str(model), "--prompt", prompt, "--chat", "--max-tokens", "16"]) == 0
+    assert raylm(["generate", "--model", sft_run["home"] + "/model", "--prompt", prompt, "--chat", "--max-tokens", "16"]) == 0
     printed = capsys.readouterr().out
     # Exactly transformers' greedy answer to the same chat prompt, stopping at the same end tokens.
     expected = transformers_greedy_chat(model, prompt, 16)

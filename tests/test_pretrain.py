@@ -37,6 +37,8 @@ from pretrain_helpers import read_wandb_history
 from raylm.core.errors import RunFailed, UserError
 
 STEPS = 24
+PREPARE_ARGS = ["--source", "stdlib", "--max-docs", "30", "--vocab-size", "400", "--seq-len", "32", "--val-fraction", "0.3",
+                "--tokenizer-sample-bytes", "200000"]
 BASE = [f"max_steps={STEPS}", "checkpoint.every=8", "eval.every=12", "logging.every=1", "schedule.total_steps=24"]
 # Rank 1 exits at step 18, moments after checkpoint 16: before Ray's controller has polled the workers.
 CRASH = ["faults.kill_rank=1", "faults.kill_at_step=18", "checkpoint.every=4", "checkpoint.keep=3",
@@ -48,9 +50,7 @@ def dataset_dir(ray_cluster, tmp_path_factory) -> Path:
     from raylm.data.prepare import main as prepare_main
 
     out = tmp_path_factory.mktemp("pretrain-data") / "stdlib"
-    argv = ["--source", "stdlib", "--out", str(out), "--max-docs", "30", "--vocab-size", "400", "--seq-len", "32",
-            "--val-fraction", "0.3", "--tokenizer-sample-bytes", "200000"]
-    assert prepare_main(argv) == 0
+    assert prepare_main([*PREPARE_ARGS, "--out", str(out)]) == 0
     return out
 
 
@@ -499,21 +499,64 @@ def test_fp16_is_refused_on_cpu():
     assert resolve_precision("auto", use_gpu=False) == "fp32" and resolve_precision("auto", use_gpu=True) == "bf16"
 
 
-def test_pretraining_reads_its_dataset_from_object_storage(dataset_dir, runs_root, zero2, s3_server, capsys):
-    """The dataset dir on an S3-compatible server: the workers read the same rows in the same order,
-    so the run ends with the very weights of the run on the local copy; the tokenizer reaches the model dir."""
-    from tiny_artifacts import upload_dir
+def test_prepare_and_a_run_on_object_storage_resume_after_a_dead_worker_and_export_there(dataset_dir, runs_root, zero2, s3_server,
+                                                                                tmp_path, monkeypatch, capsys):
+    """`raylm prepare` writes the dataset dir to an S3-compatible server (the same shards as on a
+    local disk), and the run dir lives there too, with no disk shared between the driver and
+    the workers: the driver keeps its copies in its own cache dir (RAYLM_CACHE_DIR here), the
+    workers in theirs. Rank 1 dies at step 18, after checkpoint 16; Ray restarts the worker group,
+    which resumes from the checkpoint on the server. The run ends with zero2's very weights, its
+    metrics, logs and model dir on the server, and the model dir there generates as zero2's does."""
+    from safetensors.torch import load_file
 
-    from raylm.core.errors import UserError
+    from raylm.cli import main as raylm
+    from raylm.core import storage
+    from raylm.data.prepare import main as prepare_main
+    from raylm.training.checkpoint_store import checkpoint_folders, verify
     from raylm.training.pretrain import main
 
-    remote = s3_server("datasets") + "/stdlib"
-    upload_dir(dataset_dir, remote)
-    out = pretrain(remote, runs_root / "from-s3", "deepspeed.zero_stage=2", "logging.wandb_mode=offline")
-    assert max_weight_diff(out, zero2) == 0.0
-    assert (out / "model" / "tokenizer.json").read_bytes() == (dataset_dir / "tokenizer" / "tokenizer.json").read_bytes()
-    assert json.loads((out / "run.json").read_text())["source"]["dataset_dir"] == remote
+    monkeypatch.setenv("RAYLM_CACHE_DIR", str(tmp_path / "driver-cache"))
+    data = s3_server("datasets") + "/stdlib"
+    assert prepare_main([*PREPARE_ARGS, "--out", data]) == 0  # the workers write the shards to the server, the driver the manifest
+    shards = lambda manifest: [s["sha256"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]  # noqa: E731
+    assert shards(json.loads(storage.read_text(f"{data}/manifest.json"))) == shards(json.loads((dataset_dir / "manifest.json").read_text()))
+    home = s3_server("runs") + "/tiny"
+    argv = ["--config", "debug", "--data", data, "--out", home, "--num-workers", "2", *BASE, "logging.wandb_mode=disabled",
+            "faults.kill_rank=1", "faults.kill_at_step=18", "scaling.max_failures=1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"worker rank 1 died\b.*restarting from checkpoint step 16 \(restart 1 of 1\)", out), out[-3000:]
+    assert "resuming from step 16 (checkpoint_step00000016)" in out
+    assert out.strip().splitlines()[-1].endswith(f"model dir {home}/model")
+
+    files = storage.files_under(home)
+    assert [step for step, _ in checkpoint_folders(home)] == [24, 16] and all(verify(f) is None for _, f in checkpoint_folders(home))
+    assert {"metrics.jsonl", "raylm.log", "run.json", "run_settings.json", "report.md", "worker-failures.log",
+            "model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= set(files)
+    rows = [json.loads(line) for line in storage.read_text(f"{home}/metrics.jsonl").splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == losses(zero2)  # the resumed rows continue the server's copy
+    assert "worker rank 1 died" in storage.read_text(f"{home}/raylm.log")
+    remote_weights = load_file(str(Path(storage.local_dir(f"{home}/model")) / "model.safetensors"))
+    assert max(float((remote_weights[k] - w).abs().max()) for k, w in weights(zero2).items()) == 0.0
+    assert json.loads(storage.read_text(f"{home}/run.json"))["source"]["dataset_dir"] == data
+
+    generate = ["generate", "--prompt", "def add(a, b):", "--max-tokens", "8"]
+    assert raylm([*generate, "--model", str(zero2 / "model")]) == 0
+    local_text = capsys.readouterr().out
+    assert raylm([*generate, "--model", f"{home}/model"]) == 0
+    assert capsys.readouterr().out == local_text
+
+    # Run again with more steps: it resumes from the server's checkpoint 24, on any machine.
+    monkeypatch.setenv("RAYLM_CACHE_DIR", str(tmp_path / "another-driver"))
+    assert main([*argv[:8], "--max-steps", "26", "schedule.total_steps=24", "logging.wandb_mode=disabled"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from step 24 (checkpoint_step00000024)" in out
+    rows = [json.loads(line) for line in storage.read_text(f"{home}/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 27))
+
     with pytest.raises(UserError, match="dataset dir 's3://datasets2/nothing-here' does not exist"):
         main(["--config", "debug", "--data", s3_server("datasets2") + "/nothing-here", "--out", str(runs_root / "none")])
-    with pytest.raises(UserError, match="a run dir must be a local or mounted path"):
-        main(["--config", "debug", "--data", remote, "--out", s3_server("runs") + "/run"])
+    with pytest.raises(UserError, match=r"--out 's3://runs': name a dir inside the bucket"):
+        main(["--config", "debug", "--data", data, "--out", "s3://runs"])
+    with pytest.raises(UserError, match=r"cannot write the run dir s3://no-such-bucket/run: .*choose a writable --out"):
+        main(["--config", "debug", "--data", data, "--out", "s3://no-such-bucket/run"])

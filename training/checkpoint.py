@@ -39,7 +39,6 @@ from raylm.core.files import write_json_atomic
 DS_TAG = "ds"
 STATE_FILE = "raylm_state.json"
 RNG_DIR = "rng"
-MODEL_SUBDIR = "model"
 
 
 # ---- RNG -----------------------------------------------------------------------------------------

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from raylm.core.files import file_sha256, write_json_atomic
+from raylm.core import storage
+from raylm.core.files import file_sha256
+
+Where = str | Path  # a run dir or checkpoint folder: a local path, or a URI on object storage (raylm/core/storage.py)
 
 COMPLETE_DIR = "complete"
 RECORD_FORMAT = 1
@@ -50,12 +51,11 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_step{step:08d}"
 
 
-def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every `checkpoint_step<N>` folder in the run dir, newest first."""
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := NAME_RE.match(p.name))]
-    return sorted(found, reverse=True)
+def checkpoint_folders(run_dir: Where) -> list[tuple[int, Where]]:
+    """(step, folder) of every `checkpoint_step<N>` folder in the run dir, newest first (one listing)."""
+    found = [(int(m.group(1)), storage.child(run_dir, name))
+             for name, is_dir in storage.list_dir(run_dir) if is_dir and (m := NAME_RE.match(name))]
+    return sorted(found, key=lambda pair: pair[0], reverse=True)
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -84,26 +84,17 @@ def part_record(part: Path, rank: int, world_size: int, step: int) -> dict:
     return {"format": RECORD_FORMAT, "rank": rank, "world_size": world_size, "step": step, "files": files}
 
 
-def copy_synced(source: Path, target: Path) -> None:
-    """Copy a file and flush it to storage, so no record is on disk before the data it describes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        shutil.copyfileobj(src, dst, 16 << 20)
-        dst.flush()
-        os.fsync(dst.fileno())
-
-
-def publish_part(part: Path, folder: Path, rank: int, world_size: int, step: int) -> None:
+def publish_part(part: Path, folder: Where, rank: int, world_size: int, step: int) -> None:
     """Copy this rank's part of a checkpoint into `folder` on storage, then write its completion record.
 
     File names must not collide across ranks (DeepSpeed's carry the rank; rank 0 alone writes the
     shared ones): each rank lists only what it wrote.
     """
     record = part_record(part, rank, world_size, step)
-    (folder / COMPLETE_DIR).mkdir(parents=True, exist_ok=True)  # first: marks a folder of this format, records or not
+    storage.make_dir(storage.join(folder, COMPLETE_DIR))  # first: marks a folder of this format, records or not
     for rel in record["files"]:
-        copy_synced(part / rel, folder / rel)
-    write_json_atomic(folder / COMPLETE_DIR / f"rank_{rank}.json", record)
+        storage.upload_file(part / rel, storage.join(folder, rel))  # flushed before the record says it is there
+    storage.write_bytes(storage.join(folder, COMPLETE_DIR, f"rank_{rank}.json"), json.dumps(record, indent=2) + "\n")
 
 
 # ---- checking ------------------------------------------------------------------------------------
@@ -118,27 +109,30 @@ class Verdict:
     unrecorded: bool = False  # no complete/ dir at all: written by a raylm from before completion records
 
 
-def read_records(folder: Path) -> tuple[dict[int, dict], Verdict | None]:
+def read_records(folder: Where) -> tuple[dict[int, dict], Verdict | None]:
     records: dict[int, dict] = {}
-    for path in sorted((folder / COMPLETE_DIR).glob("rank_*.json")):
+    complete = storage.join(folder, COMPLETE_DIR)
+    for name, _ in storage.list_dir(complete):
+        if not re.fullmatch(r"rank_.*\.json", name):
+            continue
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(storage.read_text(storage.join(complete, name)))
             rank, _, _ = int(record["rank"]), int(record["world_size"]), int(record["step"])
             if not all(isinstance(entry["bytes"], int) for entry in record["files"].values()):
                 raise TypeError("a file's size is not a number")
             records[rank] = record
         except (ValueError, KeyError, TypeError, AttributeError):
-            return {}, Verdict(False, f"{COMPLETE_DIR}/{path.name} is not a completion record")
+            return {}, Verdict(False, f"{COMPLETE_DIR}/{name} is not a completion record")
     return records, None
 
 
-def records_verdict(folder: Path, step: int | None = None) -> tuple[dict[int, dict], Verdict | None]:
+def records_verdict(folder: Where, step: int | None = None) -> tuple[dict[int, dict], Verdict | None]:
     """The folder's completion records, or what keeps it from being complete (cheap: no file but the records is read)."""
     records, bad = read_records(folder)
     if bad:
         return records, bad
     if not records:
-        if not (folder / COMPLETE_DIR).is_dir():
+        if not storage.is_dir(storage.join(folder, COMPLETE_DIR)):
             return records, Verdict(False, "it has no completion records (written before raylm kept them)", unrecorded=True)
         return records, Verdict(True, "no rank finished writing it")
     world = records[min(records)]["world_size"]
@@ -153,27 +147,28 @@ def records_verdict(folder: Path, step: int | None = None) -> tuple[dict[int, di
     return records, None
 
 
-def check_file(path: Path, entry: dict) -> str | None:
-    if not path.is_file():
+def check_file(path: str, size: int | None, entry: dict) -> str | None:
+    """What is wrong with one listed file (`size`: its size in the folder's listing, None when absent)."""
+    if size is None:
         return "is missing"
-    size = path.stat().st_size
     if size != entry["bytes"]:
         return f"has {size:,} bytes, {entry['bytes']:,} when written"
-    if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+    if "sha256" in entry and storage.sha256_of(path) != entry["sha256"]:
         return "does not match the checksum it was written with"
-    if "sha256_ends" in entry and ends_sha256(path, size) != entry["sha256_ends"]:
+    if "sha256_ends" in entry and storage.file_ends_sha256(path, size, ENDS_BYTES) != entry["sha256_ends"]:
         return "does not match the checksum it was written with"
     return None
 
 
-def verify(folder: Path, step: int | None = None) -> Verdict | None:
+def verify(folder: Where, step: int | None = None) -> Verdict | None:
     """None when the checkpoint is complete and every file its records list is there as written."""
     records, verdict = records_verdict(folder, step)
     if verdict:
         return verdict
+    sizes = storage.files_under(folder)  # one listing, not a request per file
     for rank, record in sorted(records.items()):
         for rel, entry in record["files"].items():
-            problem = check_file(folder / rel, entry)
+            problem = check_file(storage.join(folder, rel), sizes.get(rel), entry)
             if problem:
                 return Verdict(False, f"{rel} {problem} (rank {rank}'s part)")
     return None
@@ -182,11 +177,12 @@ def verify(folder: Path, step: int | None = None) -> Verdict | None:
 # ---- choosing at resume, and pruning -------------------------------------------------------------
 
 
-def aside_name(folder: Path, verdict: Verdict) -> Path:
-    return folder.with_name(folder.name + (".unrecorded" if verdict.unrecorded else ".broken"))
+def aside_name(folder: Where, verdict: Verdict) -> Where:
+    suffix = ".unrecorded" if verdict.unrecorded else ".broken"
+    return folder.with_name(folder.name + suffix) if isinstance(folder, Path) else str(folder).rstrip("/") + suffix
 
 
-def choose_resume_folder(run_dir: Path, say) -> Path | None:
+def choose_resume_folder(run_dir: Where, say) -> Where | None:
     """The newest sound checkpoint in the run dir, or None; the partial folders newer than it are
     removed and the broken ones moved aside, each with one line through `say`. A folder with no
     completion records at all (written by an older raylm, which cannot be checked) is moved aside
@@ -198,42 +194,38 @@ def choose_resume_folder(run_dir: Path, say) -> Path | None:
         verdict = verify(folder, step)
         if verdict is None:
             return folder
+        name = storage.name_of(folder)
         if verdict.partial:
-            shutil.rmtree(folder, ignore_errors=True)
-            say(f"{folder.name} is partial, removed: {verdict.reason}")
+            storage.remove(folder)
+            say(f"{name} is partial, removed: {verdict.reason}")
         else:
             aside = aside_name(folder, verdict)
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(folder, aside)
+            storage.remove(aside)
+            storage.move_dir(folder, aside)
             what = "cannot be checked" if verdict.unrecorded else "is broken"
-            say(f"{folder.name} {what}, moved aside to {aside.name}: {verdict.reason}")
+            say(f"{name} {what}, moved aside to {storage.name_of(aside)}: {verdict.reason}")
     return None
 
 
 LEFTOVER_RE = re.compile(r"^\..+\.(partial|old)-")  # raylm.core.files' temporaries: `.NAME.partial-*`, `.NAME.old-*`
 
 
-def remove_leftovers(run_dir: Path) -> list[str]:
+def remove_leftovers(run_dir: Where) -> list[str]:
     """Remove what interrupted atomic writes left in the run dir (a `.metrics.jsonl.partial-*`, a
     `.model.partial-*` dir); returns their names. Only while nothing else writes to the run dir."""
-    if not run_dir.is_dir():
-        return []
-    found = sorted(p for p in run_dir.iterdir() if LEFTOVER_RE.match(p.name))
-    for path in found:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return [p.name for p in found]
+    found = [name for name, _ in storage.list_dir(run_dir) if LEFTOVER_RE.match(name)]
+    for name in found:
+        storage.remove(storage.child(run_dir, name))
+    return found
 
 
-def remove_checkpoint(folder: Path) -> None:
+def remove_checkpoint(folder: Where) -> None:
     """Records first, so a removal cut short leaves a partial folder, never a complete-looking one."""
-    shutil.rmtree(folder / COMPLETE_DIR, ignore_errors=True)
-    shutil.rmtree(folder, ignore_errors=True)
+    storage.remove(storage.join(folder, COMPLETE_DIR))
+    storage.remove(folder)
 
 
-def prune(run_dir: Path, keep: int) -> list[str]:
+def prune(run_dir: Where, keep: int) -> list[str]:
     """Keep the newest `keep` complete checkpoints; remove older ones and any partial folder older
     than the newest complete one (left by an earlier attempt). Returns the names removed.
 
@@ -249,5 +241,5 @@ def prune(run_dir: Path, keep: int) -> list[str]:
         if newest_complete is None:
             continue  # newer than every complete checkpoint: possibly being written
         remove_checkpoint(folder)
-        removed.append(folder.name)
+        removed.append(storage.name_of(folder))
     return removed

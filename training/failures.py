@@ -121,9 +121,9 @@ def last_logged_step(run_dir: Path) -> int | None:
         return None
 
 
-def newest_complete_step(run_dir: Path) -> int | None:
+def newest_complete_step(home: str | Path) -> int | None:
     """What the restart will most likely resume from (it checks the files again, and says so if it goes back further)."""
-    for step, folder in checkpoint_folders(run_dir):
+    for step, folder in checkpoint_folders(home):
         if records_verdict(folder, step)[1] is None:
             return step
     return None
@@ -156,8 +156,10 @@ def first_line(error: Exception) -> str:
 class FailureReporter(ray.train.UserCallback):
     """Ray Train callback (runs in the controller): one line per failure of the worker group."""
 
-    def __init__(self, run_dir: str, max_failures: int):
-        self.run_dir, self.max_failures, self.failures = run_dir, max_failures, 0
+    def __init__(self, home: str, run_dir: str, max_failures: int):
+        # run_dir: the driver's copy of the run's files (run_home.py). Ray Train V2 places the
+        # controller on the driver's node, so its lines join the driver's log, which goes home at the end.
+        self.home, self.run_dir, self.max_failures, self.failures = home, run_dir, max_failures, 0
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         add_console_filter(ControllerNoise())
@@ -179,7 +181,7 @@ class FailureReporter(ray.train.UserCallback):
             verb = "lost a peer" if any(marker in str(error) for marker in PEER_GONE) else "failed"
             what = f"worker rank {rank} {verb}" + (f" ({at[0]})" if at else "") + f": {first_line(error)}"
         if self.max_failures == -1 or self.failures <= self.max_failures:
-            ckpt = newest_complete_step(run_dir)
+            ckpt = newest_complete_step(self.home)
             start = f"checkpoint step {ckpt}" if ckpt is not None else "step 0 (no checkpoint yet)"
             limit = "unlimited" if self.max_failures == -1 else str(self.max_failures)
             then = f"restarting from {start} (restart {self.failures} of {limit})"

@@ -10,6 +10,7 @@ import os
 import socket
 from pathlib import Path
 
+from raylm.core import storage
 from raylm.core.files import write_json_atomic
 from raylm.training.config import FaultConfig
 
@@ -21,18 +22,18 @@ def record_worker(run_dir: Path, rank: int) -> None:
     write_json_atomic(run_dir / WORKERS_DIR / f"rank_{rank}.json", {"rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
 
 
-def maybe_inject_fault(faults: FaultConfig, rank: int, step: int, run_dir: Path) -> None:
+def maybe_inject_fault(faults: FaultConfig, rank: int, step: int, home: str | Path) -> None:
     """Exit this process (os._exit(1)) if it is the configured rank at the configured step, the first time only.
 
     No grace period: like a real fault, it may strike moments after a checkpoint, before Ray's
-    controller has heard of it (the resume finds the checkpoint on storage regardless).
+    controller has heard of it (the resume finds the checkpoint on storage regardless). The
+    "first time" is marked in the run dir's home, where the restarted worker looks, on any machine.
     """
     if faults.kill_at_step != step or faults.kill_rank != rank:
         return
-    marker = run_dir / FAULT_MARKER_DIR / f"killed-rank{rank}-step{step}"
-    if marker.exists():
+    marker = storage.join(home, FAULT_MARKER_DIR, f"killed-rank{rank}-step{step}")
+    if storage.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("injected\n")
+    storage.write_bytes(marker, "injected\n")
     print(f"[raylm] fault injection: rank {rank} exits at step {step}", flush=True)
     os._exit(1)

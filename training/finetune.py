@@ -149,14 +149,15 @@ def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str |
     dataset dir, or chat JSONL records) into the run dir `out`; returns run_training's result."""
     from raylm.core.ray_cluster import init_ray
     from raylm.data.chat_dataset import shard_paths
-    from raylm.training.pretrain import check_writable, local_run_dir, run_training
+    from raylm.training.pretrain import check_writable, run_home_of, run_training
     from raylm.training.report import write_report
+    from raylm.training.run_home import send_run_files, work_dir
 
-    run_dir = local_run_dir(out)
-    check_writable(run_dir)
+    home = run_home_of(out)
+    check_writable(home)
     base_here = storage.local_dir(base)  # what the driver reads: tokenizer, config, the "before" evaluation
     init_ray(address)
-    data_dir, manifest = chat_dataset_for_run(data, base_here, cfg.data.seq_len, cfg.sft, run_dir, address)
+    data_dir, manifest = chat_dataset_for_run(data, base_here, cfg.data.seq_len, cfg.sft, home, address)
     stats = data_stats(manifest)
     train = ParquetRows(shard_paths(data_dir, manifest, "train"))
     val = ParquetRows(shard_paths(data_dir, manifest, "val")) if manifest["splits"]["val"]["rows"] else None
@@ -175,16 +176,17 @@ def finetune(cfg: FinetuneConfig, base: str, data: str, out: str, address: str |
         source={"base_model_dir": storage.join(base), "chat_data": storage.join(data), "chat_dataset_dir": storage.join(data_dir)},
         write_run_report=False,  # written below, with the evaluation and the samples
     )
-    after = evaluate(result.model_dir, val_rows, cfg)
-    run_dir = Path(result.run_dir)
+    after = evaluate(result.local_model_dir, val_rows, cfg)
+    run_dir = work_dir(home)
     summary = {"base": str(base), "data": str(data), "before": before, "after": after,
                "prompts": cfg.eval_prompts, "settings": finetune_settings(cfg), "data_stats": stats}
     write_json_atomic(run_dir / "finetune.json", summary)
     samples = [{"prompt": p, "base": b, "fine-tuned": a} for p, b, a in zip(cfg.eval_prompts, before["answers"], after["answers"])]
     write_report(run_dir, samples=samples, sections=report_sections(before, after, stats, summary["settings"]))
+    send_run_files(home)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"finetune: held-out loss {fmt(before['val_loss'])} -> {fmt(after['val_loss'])}; "
-          f"model dir {result.model_dir}; report {run_dir / 'report.md'}")
+          f"model dir {result.model_dir}; report {storage.child(home, 'report.md')}")
     return result
 
 

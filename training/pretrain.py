@@ -6,7 +6,8 @@ the driver side of the one train loop that fine-tuning calls too.
 
 RUN_DIR is Ray Train's run (RunConfig(name=basename, storage_path=parent)); running the same
 command again resumes from its latest checkpoint. RUN_DIR must be on storage every worker can
-reach (a local disk on one machine, NFS or similar on a cluster). It ends up holding:
+reach: a local disk on one machine; on a cluster, object storage (`s3://`, `gs://`; what goes
+where is in training/run_home.py) or a filesystem every node mounts. It ends up holding:
     checkpoint_step*/   resumable DeepSpeed checkpoints (training/checkpoint.py), the last `keep`
     model/              the trained model as a Hugging Face Llama-format dir
     metrics.jsonl       one JSON object per logged step
@@ -39,6 +40,7 @@ from raylm.core.config import to_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
 from raylm.core.files import write_json_atomic
+from raylm.training import run_home
 from raylm.training.config import (
     FLAG_SHORTCUTS,
     ConfigDraft,
@@ -59,8 +61,10 @@ RUN_INFO_FILE = "run.json"
 
 @dataclass
 class TrainResult:
-    run_dir: Path  # the Ray Train run dir
-    model_dir: Path  # RUN_DIR/model, the exported Hugging Face model dir
+    run_dir: Path  # this machine's copy of the run dir's files (the run dir itself when local; run_home.py)
+    home: str | Path  # the run dir as given: a local path, or a URI on object storage
+    model_dir: str | Path  # HOME/model, the exported Hugging Face model dir
+    local_model_dir: Path  # the same, on this machine (copied here when the home is a URI)
     final_train_loss: float | None  # the last logged train loss
     final_val_loss: float | None  # the last val loss (None without a val split)
     metrics: list[dict] = field(default_factory=list)  # metrics.jsonl, one dict per logged step
@@ -156,7 +160,7 @@ def run_training(
     from raylm.training.loop import train_loop_per_worker
     from raylm.training.stop_request import StopOnSignal
 
-    run_dir = local_run_dir(out)
+    home = run_home_of(out)
     if init_model_dir:
         from raylm.model.model_dir import read_model_config
 
@@ -168,9 +172,10 @@ def run_training(
     use_gpu = resolve_use_gpu(cfg.scaling.use_gpu)
     resolve_precision(cfg.deepspeed.precision, use_gpu)
     world = cfg.scaling.num_workers
-    check_writable(run_dir)
+    check_writable(home)
+    run_dir = run_home.fetch_run_files(home)  # this machine's copy: what an earlier run said and measured
     asked = to_dict(cfg)
-    for line in keep_run_settings(cfg, run_dir, world):  # a rerun keeps the run's global batch and schedule
+    for line in keep_run_settings(cfg, home, world):  # a rerun keeps the run's global batch and schedule
         say(run_dir, line)
     check_rows("the train", train.num_rows, global_batch(cfg, world), f"a global batch of {world} workers")
     eval_rows = fixed_eval_rows(val, cfg.eval.rows) if val is not None else None
@@ -178,33 +183,36 @@ def run_training(
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     remember_run_settings(run_dir, asked, cfg, world)
     trainer = trainer_keeping_our_ctrl_c(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={
-            "config": to_dict(cfg), "run_dir": str(run_dir), "tokenizer_dir": storage.join(tokenizer_dir),
+            "config": to_dict(cfg), "run_dir": str(home), "tokenizer_dir": storage.join(tokenizer_dir),
             "init_model_dir": storage.join(init_model_dir) if init_model_dir else None,  # a URI: each worker copies it
             "use_gpu": use_gpu, "kind": kind, "eval_rows": eval_rows, "train_source": train,
         },
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            name=storage.name_of(home),
+            storage_path=storage.parent_of(home),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             # No CheckpointConfig: the loop keeps its checkpoints itself (training/checkpoint_store.py).
-            callbacks=[FailureReporter(str(run_dir), cfg.scaling.max_failures)],  # a dead worker is one line
+            callbacks=[FailureReporter(str(home), str(run_dir), cfg.scaling.max_failures)],  # a dead worker is one line
         ),
     )
     started = time.time()
-    with StopOnSignal(run_dir, cfg.checkpoint.stop_grace_s) as stop:  # SIGTERM, Ctrl-C: a checkpoint, then stop
-        try:
-            trainer.fit()
-        except KeyboardInterrupt:
-            raise stop.stopped_at_once() from None
-        except ray.train.TrainingFailedError as err:  # restarts spent (each failure said in one line already)
-            raise run_failed(run_dir, err) from None
-    stop.outcome()
+    try:
+        with StopOnSignal(home, cfg.checkpoint.stop_grace_s) as stop:  # SIGTERM, Ctrl-C: a checkpoint, then stop
+            try:
+                trainer.fit()
+            except KeyboardInterrupt:
+                raise stop.stopped_at_once() from None
+            except ray.train.TrainingFailedError as err:  # restarts spent (each failure said in one line already)
+                raise run_failed(run_dir, err) from None
+        stop.outcome()
+    finally:  # finished, stopped or failed: the logs and metrics go home
+        run_home.fetch_metrics(home)
+        run_home.send_run_files(home)
     metrics = read_metrics(run_dir)
     summary = summarize(metrics) | {"driver_seconds": round(time.time() - started, 1)}
     write_run_info(run_dir, {
@@ -219,13 +227,17 @@ def run_training(
         "summary": summary,
         "config": to_dict(cfg),
     })
+    local_model_dir = run_home.fetch_model(home)
     if write_run_report:
         from raylm.training.report import write_report
 
         write_report(run_dir)
+    run_home.send_run_files(home)
     return TrainResult(
         run_dir=run_dir,
-        model_dir=run_dir / "model",
+        home=home,
+        model_dir=storage.child(home, run_home.MODEL_SUBDIR),
+        local_model_dir=local_model_dir,
         final_train_loss=summary["final_train_loss"],
         final_val_loss=summary["final_val_loss"],
         metrics=metrics,
@@ -246,24 +258,28 @@ def trainer_keeping_our_ctrl_c(trainer_cls: type) -> type:
     return Trainer
 
 
-def local_run_dir(out: str) -> Path:
-    """The run dir as a local path: checkpoints, metrics and the model dir are written with local
-    file operations, so an object-store --out is refused here rather than half-written."""
-    if storage.is_uri(out):
-        raise UserError(f"--out {out!r}: a run dir must be a local or mounted path (on a cluster, a filesystem every node "
-                        "mounts); datasets may be read from object storage, run dirs are not yet written there")
-    return Path(out).expanduser().resolve()
+def run_home_of(out: str) -> str | Path:
+    """--out as the run's home: a URI as given (without a trailing slash), a local path made absolute."""
+    if not storage.is_uri(out):
+        return Path(out).expanduser().resolve()
+    home = str(out).rstrip("/")
+    if "/" not in home.split("://", 1)[1]:
+        raise UserError(f"--out {out!r}: name a dir inside the bucket (e.g. {home}/runs/tiny), not the bucket itself")
+    return home
 
 
-def check_writable(run_dir: Path) -> None:
+def check_writable(out: str | Path) -> None:
     """A run dir that cannot be written is the user's to fix, said before any worker starts."""
+    home = run_home_of(out)
+    probe = storage.join(home, f".write-probe-{os.getpid()}")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        storage.make_dir(home)
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
     except OSError as err:
-        raise UserError(f"cannot write the run dir {run_dir}: {err.strerror or err}; choose a writable --out") from None
+        raise UserError(f"cannot write the run dir {home}: {err.strerror or err}; choose a writable --out") from None
+    except UserError as err:
+        raise UserError(f"cannot write the run dir {home}: {str(err).split(': ', 1)[-1]}; choose a writable --out") from None
 
 
 # ---- the dataset dir -----------------------------------------------------------------------------
@@ -306,7 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     recipes = ", ".join(name for name in recipe_names() if not name.startswith("sft-"))
     parser.add_argument("--config", required=True, help=f"a recipe name ({recipes}) or a YAML path; the settings below and key=value override it")
     parser.add_argument("--data", required=True, help="dataset dir written by `raylm prepare` (a path, or an s3://, gs:// URI)")
-    parser.add_argument("--out", required=True, help="run dir; re-running the command resumes it")
+    parser.add_argument("--out", required=True, help="run dir (a path, or an s3://, gs:// URI); re-running the command resumes it")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
     add_config_flags(parser, TrainConfig, FLAG_SHORTCUTS, note="a default shown applies where the recipe does not set the key")
     return parse_command_line(parser, argv)
@@ -319,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if draft.adapted:
         print(draft.adapted_line())
     manifest, train_paths, val_paths = dataset_splits(args.data)
-    check_writable(local_run_dir(args.out))  # before a cluster starts
+    check_writable(args.out)  # before a cluster starts
 
     from raylm.core.ray_cluster import init_ray
     from raylm.data.dataset_dir import tokenizer_dir

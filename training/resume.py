@@ -5,7 +5,8 @@ removes the partial folders and moves the broken ones aside (one line each), and
 the one it chose; so after a worker's death or a re-run of the command the run goes on from the
 newest checkpoint that is complete on storage, whatever Ray's controller had registered. One
 written at another world size or ZeRO stage is first converted to a DeepSpeed universal
-checkpoint (training/checkpoint.py), which is deleted again once loaded.
+checkpoint (training/checkpoint.py), which is deleted again once loaded. A checkpoint on object
+storage is first copied to a local temp folder by every rank (DeepSpeed loads from a path).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Iterator
 
 import torch.distributed as dist
 
+from raylm.core import storage
 from raylm.training.checkpoint import (
     convert_to_universal,
     needs_universal,
@@ -28,46 +30,53 @@ from raylm.training.checkpoint_store import (
     choose_resume_folder,
     remove_leftovers,
 )
+from raylm.training.run_home import fetch_checkpoint, is_remote, work_dir
 from raylm.training.run_log import say
 
 
 @dataclass
 class ResumePoint:
-    checkpoint_dir: Path  # the checkpoint's folder in the run dir: RNG states, raylm_state.json
+    checkpoint_dir: Path  # the checkpoint's folder (a local copy when the run dir is on object storage): RNG states, raylm_state.json
     load_dir: Path  # what DeepSpeed loads: checkpoint_dir, or its universal conversion
     saved: dict  # raylm_state.json, as written by the attempt that saved it
     universal: bool  # load_dir is a universal checkpoint, which DeepSpeed must be configured for
 
 
-def chosen_by_rank_zero(run_dir: Path, rank: int, device) -> Path | None:
+def chosen_by_rank_zero(home: str | Path, rank: int, device) -> str | Path | None:
     """Rank 0 chooses, and tidies the run dir while no rank writes to it; every rank learns its choice."""
     choice: list[str | None] = [None]
     if rank == 0:
-        leftovers = remove_leftovers(run_dir)
+        tell = lambda line: say(work_dir(home), line)  # noqa: E731
+        leftovers = remove_leftovers(home)
         if leftovers:
-            say(run_dir, f"removed what interrupted writes left: {', '.join(leftovers)}")
-        had_any = bool(checkpoint_folders(run_dir))
-        folder = choose_resume_folder(run_dir, lambda line: say(run_dir, line))
-        choice[0] = folder.name if folder else None
+            tell(f"removed what interrupted writes left: {', '.join(leftovers)}")
+        had_any = bool(checkpoint_folders(home))
+        folder = choose_resume_folder(home, tell)
+        choice[0] = storage.name_of(folder) if folder else None
         if folder is None and had_any:
-            say(run_dir, "no sound checkpoint left in the run dir: starting from step 0")
+            tell("no sound checkpoint left in the run dir: starting from step 0")
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(choice, src=0, device=device)
-    return run_dir / choice[0] if choice[0] else None
+    return storage.child(home, choice[0]) if choice[0] else None
 
 
 @contextlib.contextmanager
-def latest_checkpoint(run_dir: Path, rank: int, world_size: int, zero_stage: int, device) -> Iterator[ResumePoint | None]:
+def latest_checkpoint(home: str | Path, rank: int, world_size: int, zero_stage: int, device) -> Iterator[ResumePoint | None]:
     """The run's newest sound checkpoint, ready to load at this world size and stage; None on a fresh start."""
-    checkpoint_dir = chosen_by_rank_zero(run_dir, rank, device)
-    if checkpoint_dir is None:
+    chosen = chosen_by_rank_zero(home, rank, device)
+    if chosen is None:
         yield None
         return
-    saved = read_train_state(checkpoint_dir)
-    universal = needs_universal(saved, world_size, zero_stage)
-    load_dir = convert_to_universal(checkpoint_dir, saved["zero_stage"]) if universal else checkpoint_dir
+    checkpoint_dir = fetch_checkpoint(chosen) if is_remote(home) else Path(chosen)
     try:
-        yield ResumePoint(checkpoint_dir, load_dir, saved, universal)
+        saved = read_train_state(checkpoint_dir)
+        universal = needs_universal(saved, world_size, zero_stage)
+        load_dir = convert_to_universal(checkpoint_dir, saved["zero_stage"]) if universal else checkpoint_dir
+        try:
+            yield ResumePoint(checkpoint_dir, load_dir, saved, universal)
+        finally:
+            if universal:
+                shutil.rmtree(load_dir, ignore_errors=True)
     finally:
-        if universal:
-            shutil.rmtree(load_dir, ignore_errors=True)
+        if is_remote(home):
+            shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)

@@ -30,6 +30,7 @@ from raylm.training.config import (
     grad_accum,
     schedule_total_steps,
 )
+from raylm.training.run_home import work_dir
 
 RUN_SETTINGS = "run_settings.json"
 # Settings whose change means the user chose a new global batch / schedule length.
@@ -65,13 +66,14 @@ def compare_with_run(saved: dict, asked: dict) -> ResumedSettings:
                            saved["schedule_steps"] if keeps_schedule else None)
 
 
-def keep_run_settings(cfg: TrainConfig, run_dir: Path, world: int) -> list[str]:
+def keep_run_settings(cfg: TrainConfig, home: str | Path, world: int) -> list[str]:
     """Fit `cfg` to the run it resumes (a fresh run dir leaves it alone); the console lines saying so.
 
-    Call on the driver before training starts; then `remember_run_settings` with the config as asked.
+    Call on the driver before training starts, once the home's files are in this machine's work dir
+    (run_home.fetch_run_files); then `remember_run_settings` with the config as asked.
     """
-    path = run_dir / RUN_SETTINGS
-    if not path.is_file() or not checkpoint_folders(run_dir):
+    path = work_dir(home) / RUN_SETTINGS
+    if not path.is_file() or not checkpoint_folders(home):
         return []  # nothing to resume: the command's settings are the run's
     kept = compare_with_run(json.loads(path.read_text()), to_dict(cfg))
     lines = []

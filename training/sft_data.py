@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from raylm.core import storage
 from raylm.core.errors import UserError
 from raylm.core.files import file_sha256
 
@@ -49,9 +50,10 @@ def check_chat_dataset(data_dir: str, manifest: dict, base: str, seq_len: int) -
                         f"leave data.seq_len out (it follows the chat dataset) or rebuild with --seq-len {seq_len}")
 
 
-def chat_dataset_for_run(data: str, base: str, seq_len: int, sft: SftDataConfig, run_dir: Path, address: str | None) -> tuple[str, dict]:
+def chat_dataset_for_run(data: str, base: str, seq_len: int, sft: SftDataConfig, home: str | Path, address: str | None) -> tuple[str, dict]:
     """(dataset dir, manifest) that the run trains on: `data` itself when it is a chat dataset dir,
-    else the records of `data` encoded into RUN_DIR/chat-data (kept when a rerun asks the same)."""
+    else the records of `data` encoded into RUN_DIR/chat-data (kept when a rerun asks the same;
+    `home`: the run dir as given, a path or a URI)."""
     from raylm.data.chat_dataset import (
         ChatDatasetConfig,
         existing_chat_dataset,
@@ -64,7 +66,7 @@ def chat_dataset_for_run(data: str, base: str, seq_len: int, sft: SftDataConfig,
         manifest = read_chat_dataset(data)
         check_chat_dataset(data, manifest, base, seq_len)
         return data, manifest
-    out = run_dir / CHAT_DATA_SUBDIR
+    out = storage.child(home, CHAT_DATA_SUBDIR)
     cfg = ChatDatasetConfig(source=data, out=str(out), tokenizer=base, seq_len=seq_len, val_fraction=sft.val_fraction,
                             split_seed=sft.split_seed, overlong=sft.overlong, pack=sft.pack, max_records=sft.max_records,
                             address=address)

@@ -31,7 +31,7 @@ from raylm.core import storage
 from raylm.core.config import from_dict
 from raylm.model.model_dir import save_model_dir
 from raylm.model.transformer import flops_per_token
-from raylm.training import checkpoint, checkpoint_store
+from raylm.training import checkpoint, checkpoint_store, run_home
 from raylm.training.config import TrainConfig, global_batch, grad_accum
 from raylm.training.data_order import epoch_batches, eval_micro_batches, micro_batches
 from raylm.training.engine import grad_norm_of, init_engine, set_lr
@@ -42,7 +42,7 @@ from raylm.training.measure import Throughput, memory_gb, peak_flops
 from raylm.training.resume import ResumePoint, latest_checkpoint
 from raylm.training.run_log import say
 from raylm.training.schedule import learning_rate
-from raylm.training.stop_request import mark_stopped, stop_requested
+from raylm.training.stop_request import StopRequests, mark_stopped
 from raylm.training.tracking import Tracker, new_wandb_id, perplexity
 
 
@@ -105,7 +105,8 @@ class Trainer:
         self.cfg = from_dict(TrainConfig, loop_config["config"])
         self.kind = loop_config["kind"]
         self.loss_fn = loss_for(self.kind)
-        self.run_dir = Path(loop_config["run_dir"])
+        self.home = loop_config["run_dir"]  # the run dir as given: a local path, or a URI (run_home.py)
+        self.run_dir = run_home.work_dir(self.home)  # this machine's copy: logs, metrics, the exported model
         self.use_gpu = loop_config["use_gpu"]
         self.state = TrainState()
         self.throughput = Throughput()
@@ -130,7 +131,7 @@ class Trainer:
         quiet_worker_errors(self.run_dir, self.rank)  # first: whatever fails next is one line, not a traceback
         record_worker(self.run_dir, self.rank)
 
-        with latest_checkpoint(self.run_dir, self.rank, self.world, self.zero_stage, self.device) as resume_point:
+        with latest_checkpoint(self.home, self.rank, self.world, self.zero_stage, self.device) as resume_point:
             checkpoint.seed_everything(cfg.seed + self.rank)
             universal = resume_point is not None and resume_point.universal
             init_dir = self.loop_config.get("init_model_dir")
@@ -139,10 +140,13 @@ class Trainer:
             if resume_point is not None:
                 self.resume(resume_point)
         self.state.wandb_id = self.state.wandb_id or (new_wandb_id() if self.rank == 0 else None)
+        self.stop_requests = StopRequests(self.home) if self.rank == 0 else None
+        if self.rank == 0:
+            run_home.fetch_metrics(self.home)  # the run's metrics so far, wherever they were written
 
         self.tracker = Tracker(self.run_dir, cfg.logging, active=self.rank == 0, max_steps=cfg.max_steps)
         self.tracker.start(resumed_step=self.state.step, wandb_id=self.state.wandb_id,
-                           config=self.loop_config["config"] | {"kind": self.kind}, run_name=self.run_dir.name)
+                           config=self.loop_config["config"] | {"kind": self.kind}, run_name=storage.name_of(self.home))
         self.train_source = self.loop_config["train_source"]  # this rank reads its own rows (data_order.py)
         self.readers: list = []  # each epoch's RankReader: what this rank read
         self.eval_batches = eval_micro_batches(self.loop_config["eval_rows"], cfg.data.micro_batch, self.rank, self.world, self.device)
@@ -181,7 +185,7 @@ class Trainer:
         for epoch, batch in batches:
             if epoch != self.state.epoch:
                 self.state.next_epoch()
-            maybe_inject_fault(self.cfg.faults, self.rank, self.state.step, self.run_dir)
+            maybe_inject_fault(self.cfg.faults, self.rank, self.state.step, self.home)
             result = self.train_step(batch)
             out_of_time, asked_to_stop = self.stop_vote()
             is_last = self.state.step == self.cfg.max_steps or out_of_time
@@ -193,7 +197,7 @@ class Trainer:
                     metrics["val_loss"] = row["val_loss"]
                 self.save_checkpoint(metrics)
             if self.stopped and self.rank == 0:
-                mark_stopped(self.run_dir, self.state.step)  # the checkpoint is complete: the driver may say so
+                mark_stopped(self.home, self.state.step)  # the checkpoint is complete: the driver may say so
             if is_last or self.stopped:
                 return
 
@@ -245,7 +249,7 @@ class Trainer:
         """(out of time, a stop was requested): only rank 0 reads the clock and the run dir, and all
         ranks learn its answers, so they stop at the same step."""
         out_of_time = self.rank == 0 and self.cfg.max_time_s > 0 and self.elapsed_s() >= self.cfg.max_time_s
-        asked = self.rank == 0 and stop_requested(self.run_dir)
+        asked = self.rank == 0 and self.stop_requests.asked()
         votes = all_reduce_sum([float(out_of_time), float(asked)], self.device)
         return votes[0] > 0, votes[1] > 0
 
@@ -311,11 +315,13 @@ class Trainer:
         if self.cfg.checkpoint.export_hf:
             self.export_model(part / checkpoint.MODEL_SUBDIR)
         step = self.state.step
-        checkpoint_store.publish_part(part, self.run_dir / checkpoint_store.checkpoint_name(step), self.rank, self.world, step)
+        folder = storage.child(self.home, checkpoint_store.checkpoint_name(step))
+        checkpoint_store.publish_part(part, folder, self.rank, self.world, step)
         shutil.rmtree(part, ignore_errors=True)
         dist.barrier()  # every rank's record is written: the checkpoint is complete
         if self.rank == 0:
-            checkpoint_store.prune(self.run_dir, self.cfg.checkpoint.keep)
+            checkpoint_store.prune(self.home, self.cfg.checkpoint.keep)
+            run_home.send_metrics(self.home)  # a resume on another machine goes on from these
         ray.train.report(metrics)
 
     def saved_state(self) -> dict:
@@ -325,7 +331,7 @@ class Trainer:
         """The weights as a Hugging Face model dir, written by rank 0 (every rank takes part in ZeRO-3's gathers)."""
         weights = checkpoint.full_state_dict(self.engine, self.zero_stage, self.rank)
         if self.rank == 0:
-            source = {"kind": self.kind, "step": self.state.step, "run_dir": str(self.run_dir)}
+            source = {"kind": self.kind, "step": self.state.step, "run_dir": str(self.home)}
             tokenizer = storage.local_dir(self.loop_config["tokenizer_dir"])  # a dataset on object storage: copied here
             save_model_dir(target, weights, self.cfg.model, tokenizer, source=source)
 
@@ -334,7 +340,9 @@ class Trainer:
         if self.stopped:
             self.tracker.finish()
             return
-        self.export_model(self.run_dir / checkpoint.MODEL_SUBDIR)
+        self.export_model(self.run_dir / run_home.MODEL_SUBDIR)
         self.tracker.finish()
         if self.rank == 0:
+            run_home.send_model(self.run_dir / run_home.MODEL_SUBDIR, self.home)
+            run_home.send_metrics(self.home)
             print(f"[raylm] rank 0 done at step {self.state.step}; last logged: {self.last_row}", flush=True)
