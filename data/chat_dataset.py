@@ -36,14 +36,14 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raylm import __version__
+from raylm.core import storage
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.config import from_dict
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
-from raylm.core.files import atomic_dir, file_sha256
+from raylm.core.files import file_sha256
 from raylm.data.chat import record_messages
 from raylm.data.chat_corpus import build_chat_records, write_jsonl_atomically
 from raylm.data.chat_rows import encode_rows, load_base_tokenizer
@@ -180,12 +180,10 @@ def write_shard(rows: list[dict], split: str, out_dir: str, id_dtype: str) -> di
     segments = np.stack([r["segment_ids"] for r in rows]).astype(np.uint16)
     digest = hashlib.blake2b(ids.tobytes() + mask.tobytes() + segments.tobytes(), digest_size=8).hexdigest()
     relative = f"{split}/{split}-{digest}.parquet"
-    path = Path(out_dir) / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({"input_ids": list_column(ids, pa.from_numpy_dtype(ids.dtype)), "loss_mask": list_column(mask, pa.bool_()),
                       "segment_ids": list_column(segments, pa.uint16())})
-    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-    return {"path": relative, "rows": len(rows), "sha256": file_sha256(path)}
+    _, sha256 = storage.write_parquet(table, storage.join(out_dir, relative), compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    return {"path": relative, "rows": len(rows), "sha256": sha256}
 
 
 def encode_chat_batch(batch: pa.Table, tokenizer_json: str, pad_id: int, id_dtype: str, settings: dict, out_dir: str) -> pa.Table:
@@ -233,7 +231,7 @@ def merge_results(results: list[dict]) -> dict:
     }
 
 
-def build_chat_dataset(cfg: ChatDatasetConfig, tmp: Path, started: float) -> dict:
+def build_chat_dataset(cfg: ChatDatasetConfig, tmp: str | Path, started: float) -> dict:
     tokenizer, pad_id = load_base_tokenizer(cfg.tokenizer)
     id_dtype = "uint16" if tokenizer.get_vocab_size(with_added_tokens=True) <= 65536 else "uint32"
     settings = settings_of(cfg)
@@ -260,17 +258,17 @@ def build_chat_dataset(cfg: ChatDatasetConfig, tmp: Path, started: float) -> dic
         "created_by": f"raylm prepare-chat {__version__}", "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    storage.write_bytes(storage.join(tmp, MANIFEST), json.dumps(manifest, indent=2) + "\n")  # last: the dir is complete
     return manifest
 
 
 def read_chat_dataset(dataset_dir: str | Path) -> dict:
     """Validate `dataset_dir/manifest.json` (a chat dataset) and the shards it lists; return it."""
-    path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
+    path = storage.join(dataset_dir, MANIFEST)
+    if not storage.is_file(path):
         raise UserError(f"{str(dataset_dir)!r} is not a complete chat dataset dir (no {MANIFEST}; an interrupted `raylm prepare-chat`?)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
@@ -278,26 +276,26 @@ def read_chat_dataset(dataset_dir: str | Path) -> dict:
                         "(a dir written by `raylm prepare-chat --tokenizer ...`)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: format_version {manifest.get('format_version')!r}; this raylm reads version {FORMAT_VERSION}")
+    present = storage.files_under(dataset_dir)  # one listing: on object storage, not a request per shard
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
-            if not (Path(dataset_dir) / shard["path"]).is_file():
+            if shard["path"] not in present:
                 raise UserError(f"{path}: splits.{split} lists {shard['path']!r}, which does not exist")
     return manifest
 
 
 def shard_paths(dataset_dir: str | Path, manifest: dict, split: str) -> list[str]:
-    root = Path(dataset_dir).resolve()
-    return [str(root / shard["path"]) for shard in manifest["splits"][split]["shards"]]
+    return [storage.join(dataset_dir, shard["path"]) for shard in manifest["splits"][split]["shards"]]
 
 
 def is_chat_dataset(path: str | Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+    return storage.is_file(storage.join(path, MANIFEST))
 
 
 def existing_chat_dataset(cfg: ChatDatasetConfig) -> dict | None:
     """The manifest of a complete dir at --out built from the same source, tokenizer and settings (kept), else None."""
-    out = Path(cfg.out)
-    if cfg.overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    out = cfg.out
+    if cfg.overwrite or not storage.exists(out) or (storage.is_dir(out) and not storage.list_dir(out)):
         return None
     manifest = read_chat_dataset(out) if is_chat_dataset(out) else None
     if manifest is None:
@@ -321,7 +319,7 @@ def prepare_chat_dataset(cfg: ChatDatasetConfig) -> dict:
         print(f"kept the chat dataset at {cfg.out} (same source, tokenizer and settings); pass --overwrite to rebuild it")
         return kept
     init_ray(cfg.address)
-    with atomic_dir(Path(cfg.out)) as tmp:
+    with storage.dir_written_whole(cfg.out) as tmp:  # on object storage: built in place, manifest.json last
         manifest = build_chat_dataset(cfg, tmp, started)
     print(summary(cfg.out, manifest))
     return manifest
@@ -358,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.out.endswith(".jsonl"):
         write_embedded_records(cfg)
     else:
+        if cfg.tokenizer and storage.is_uri(cfg.tokenizer):  # a base model dir on object storage: read from a local copy
+            cfg.tokenizer = storage.local_dir(cfg.tokenizer)
         prepare_chat_dataset(cfg)
     return 0
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from raylm.core.files import file_sha256
+from raylm.core import storage
 
 # Training reads a split by row groups, each rank only its own (training/row_source.py): small
 # groups let the data order shuffle finely and keep the rows read per row trained near 1.0.
@@ -30,8 +29,8 @@ class ShardWriter:
     """Packs one split (train or val) into `<dir>/<split>/<split>-NNNNN.parquet`, or
     `<split>-PPPPP-NNNNN.parquet` for partition PPPPP."""
 
-    def __init__(self, root: Path, split: str, seq_len: int, dtype: str, rows_per_shard: int, partition: int | None = None):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, split: str, seq_len: int, dtype: str, rows_per_shard: int, partition: int | None = None):
+        self.root = root  # the dataset dir being built: a local path, or a URI (raylm/core/storage.py)
         self.split = split
         self.stem = split if partition is None else f"{split}-{partition:05d}"
         self.row_len = seq_len + 1
@@ -62,10 +61,11 @@ class ShardWriter:
 
     def write_shard(self, rows: np.ndarray) -> None:
         relative = f"{self.split}/{self.stem}-{len(self.shards):05d}.parquet"
-        path = self.root / relative
-        path.parent.mkdir(exist_ok=True)  # not parents: a worker must not re-create a dataset dir the driver has removed
-        pq.write_table(rows_table(rows), path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-        self.shards.append({"path": relative, "rows": int(rows.shape[0]), "sha256": file_sha256(path)})
+        path = storage.join(self.root, relative)
+        if not storage.is_uri(path):  # not parents: a worker must not re-create a dataset dir the driver has removed
+            Path(path).parent.mkdir(exist_ok=True)
+        _, sha256 = storage.write_parquet(rows_table(rows), path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        self.shards.append({"path": relative, "rows": int(rows.shape[0]), "sha256": sha256})
 
     def close(self) -> dict:
         """Write the last full rows; drop the tail; return the split's manifest entry."""

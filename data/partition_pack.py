@@ -92,7 +92,7 @@ def pack_partition(group: pa.Table, root: str, seq_len: int, dtype: str, rows_pe
         record |= {"skipped": {}, "splits": {}}
         return pa.table({"partition": [partition], "record": [json.dumps(record)]})
 
-    writers = {split: ShardWriter(Path(root), split, seq_len, dtype, rows_per_shard, partition=partition) for split in SPLITS}
+    writers = {split: ShardWriter(root, split, seq_len, dtype, rows_per_shard, partition=partition) for split in SPLITS}
     skipped: Counter[str] = Counter()
     examples: dict[str, list[dict]] = {}
     seen: dict[bytes, str] = {}  # content hash -> source of its first copy

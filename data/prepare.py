@@ -31,11 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from raylm import __version__
+from raylm.core import storage
 from raylm.core.cli_args import add_config_flags, config_values, parse_command_line
 from raylm.core.config import apply_overrides, from_dict, override_pairs
 from raylm.core.entry import run_main
 from raylm.core.errors import UserError
-from raylm.core.files import atomic_dir
 from raylm.core.redact import PLACEHOLDERS
 from raylm.data.cleaning_report import cleaning_section, merge_examples, report_lines
 from raylm.data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
@@ -56,7 +56,7 @@ from raylm.data.tokenizer import (
 @dataclass
 class PrepareConfig:
     source: str  # stdlib | a file, directory or glob | hf:NAME[:CONFIG][@SPLIT] | s3://, gs://, file:// URI
-    out: str  # the dataset dir to write (a local or mounted path)
+    out: str  # the dataset dir to write: a local path, or an s3://, gs://, file:// URI (manifest.json written last)
     seq_len: int = 256  # tokens a model sees per row; rows hold seq_len + 1 ids (inputs + shifted targets)
     vocab_size: int = 8192  # size of the BPE to train, special tokens included (ignored with `tokenizer`)
     tokenizer: str | None = None  # reuse this tokenizer.json or HF tokenizer dir instead of training one
@@ -96,8 +96,9 @@ class PrepareConfig:
                      "near_dedup_permutations", "near_dedup_shingle_words", "decontaminate_ngram"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if "://" in self.out:
-            raise UserError(f"--out {self.out!r}: write the dataset to a local or mounted path (object-store output is not supported)")
+        if "://" in self.out and "/" not in self.out.split("://", 1)[1].strip("/"):
+            raise UserError(f"--out {self.out!r}: name a dir inside the bucket (e.g. {self.out.rstrip('/')}/datasets/stdlib), "
+                            "not the bucket itself")
         if self.decontaminate_against and not self.decontaminate:
             raise UserError("decontaminate_against names evaluation sets, but --no-decontaminate turns decontamination off; drop one of them")
 
@@ -112,11 +113,9 @@ def parse_args(argv: list[str] | None) -> PrepareConfig:
 # ---- output dir -----------------------------------------------------------------------------------
 
 
-def existing_dataset(out: Path, overwrite: bool) -> dict | None:
+def existing_dataset(out: str | Path, overwrite: bool) -> dict | None:
     """The manifest of a complete dataset already at `out` (kept), or None when we may write there."""
-    if not out.exists() or overwrite:
-        return None
-    if out.is_dir() and not any(out.iterdir()):
+    if overwrite or not storage.exists(out) or (storage.is_dir(out) and not storage.list_dir(out)):
         return None
     try:
         return read_dataset_manifest(out)
@@ -311,13 +310,14 @@ def decontamination_pass(cfg: PrepareConfig, documents, eval_sets: dict[str, Cor
     return {"ngram": cfg.decontaminate_ngram, "reference": reference, "val_fraction": cfg.val_fraction}, info
 
 
-def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float, eval_sets: dict[str, Corpus]) -> dict:
+def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: str | Path, started: float, eval_sets: dict[str, Corpus]) -> dict:
     documents = corpus.documents(cfg.max_doc_bytes)
     if cfg.max_docs is not None:
         documents = in_corpus_order(documents).limit(cfg.max_docs)
     tokenizer, tokenizer_info = make_tokenizer(cfg, documents)
     dtype = "uint16" if tokenizer.get_vocab_size(with_added_tokens=True) <= 65536 else "uint32"
-    tokenizer_sha = save_tokenizer(tokenizer, tmp / "tokenizer", cfg.seq_len)
+    with storage.staged_locally(storage.child(tmp, "tokenizer")) as tokenizer_dir:
+        tokenizer_sha = save_tokenizer(tokenizer, tokenizer_dir, cfg.seq_len)
     documents = with_progress_bars(documents)
     decontaminate, decontamination = decontamination_pass(cfg, documents, eval_sets)
     if cfg.near_dedup:
@@ -333,7 +333,7 @@ def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: Path, started: float,
     records = pack_on_workers(encoded, partitions, tmp, cfg.seq_len, dtype, rows_per_shard, cfg.val_fraction, cfg.dedup, cfg.near_dedup)
     manifest = build_manifest(cfg, corpus, tokenizer, tokenizer_sha, tokenizer_info, dtype, records, partitions, decontamination,
                               time.perf_counter() - started)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    storage.write_bytes(storage.child(tmp, MANIFEST), json.dumps(manifest, indent=2) + "\n")  # last: the dir is complete
     return manifest
 
 
@@ -342,7 +342,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     from raylm.core.ray_cluster import init_ray
 
     started = time.perf_counter()
-    out = Path(cfg.out)
+    out = cfg.out.rstrip("/") if storage.is_uri(cfg.out) else Path(cfg.out)
     kept = existing_dataset(out, cfg.overwrite)
     if kept is not None:
         print(f"kept the existing dataset at {out} ({kept['source']}, seq_len {kept['seq_len']}); pass --overwrite to rebuild it")
@@ -350,7 +350,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     corpus = resolve_source(cfg.source, cfg.text_field)
     eval_sets = evaluation_sets(cfg)
     init_ray(cfg.address)
-    with atomic_dir(out) as tmp:
+    with storage.dir_written_whole(out) as tmp:  # on object storage: built in place, manifest.json last
         manifest = build_dataset(cfg, corpus, tmp, started, eval_sets)
     print("\n".join(["cleaning:", *report_lines(manifest["cleaning"])]))
     print(summary(str(out), manifest))
