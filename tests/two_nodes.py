@@ -49,9 +49,9 @@ def two_node_cluster(head_cpus: int, worker_cpus: int, worker_resources: dict | 
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def run_as_script(test_file: str, workdir: Path, timeout: int = 600) -> dict:
-    """Run `test_file` as a script with `workdir`; the JSON result it printed (the test fails with its output otherwise)."""
-    done = subprocess.run([sys.executable, test_file, str(workdir)], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def run_as_script(test_file: str, workdir: Path, *args: str, timeout: int = 600) -> dict:
+    """Run `test_file` as a script with `workdir` and `args`; the JSON result it printed (the test fails with its output otherwise)."""
+    done = subprocess.run([sys.executable, test_file, str(workdir), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
     assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-6000:]
     return json.loads(lines[-1][len(RESULT_MARK) :])
