@@ -10,9 +10,13 @@ import os
 import socket
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from raylm.core import storage
 from raylm.core.files import write_json_atomic
-from raylm.training.config import FaultConfig
+
+if TYPE_CHECKING:  # not at run time: the Train controller imports this module (failures.py), and the config brings torch
+    from raylm.training.config import FaultConfig
 
 FAULT_MARKER_DIR = ".faults"
 WORKERS_DIR = ".workers"

@@ -17,9 +17,12 @@ import os
 import secrets
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raylm.core.files import write_atomic
-from raylm.training.config import LoggingConfig
+
+if TYPE_CHECKING:  # the Train controller imports this module (through failures.py); the config brings torch
+    from raylm.training.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
 
