@@ -46,13 +46,17 @@ def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.25):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tokenizer_dir, tmp_path_factory):
+def server(ray_cluster, tokenizer_dir, tmp_path_factory, s3_server):
+    """The endpoint, serving a model dir from the S3-compatible server (each replica copies it to its node's cache)."""
     from ray import serve
+    from tiny_artifacts import upload_dir
 
     from raylm.serving.serve import start_serving
 
     root = tmp_path_factory.mktemp("serving")
     model_dir = make_model_dir(root / MODEL, tokenizer_dir, max_seq_len=2048)
+    remote_model = f"{s3_server('served-models')}/{MODEL}"
+    upload_dir(model_dir, remote_model)
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     app = config["applications"][0]
     app["args"]["max_batch_size"] = 16
@@ -62,7 +66,7 @@ def server(ray_cluster, tokenizer_dir, tmp_path_factory):
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     try:
-        base_url = start_serving(str(model_dir), port=port, api_key=API_KEY, config=root / "serve.yaml")
+        base_url = start_serving(remote_model, port=port, api_key=API_KEY, config=root / "serve.yaml")
         yield base_url, model_dir, port
     finally:
         serve.shutdown()
