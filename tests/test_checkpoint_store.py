@@ -179,3 +179,12 @@ def test_checkpoints_on_object_storage_are_recorded_checked_chosen_and_pruned_th
     assert prune(home, keep=1) == [checkpoint_name(4)]
     assert {name for name, _ in storage.list_dir(home)} == {checkpoint_name(8), checkpoint_name(12) + ".broken"}
     assert verify(f"{home}/{checkpoint_name(8)}", 8) is None
+    # A resume copies what its rank loads: not the other rank's ZeRO shards and RNG states.
+    from raylm.training.run_home import fetch_checkpoint
+
+    local = fetch_checkpoint(f"{home}/{checkpoint_name(8)}", rank=1)
+    mine = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and p.parent.name != "complete")
+    assert mine == ["ds/mp_rank_00_model_states.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest", "raylm_state.json",
+                    "rng/rank_1.json"]
+    everything = fetch_checkpoint(f"{home}/{checkpoint_name(8)}")  # for a universal conversion: every rank's
+    assert (everything / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()

@@ -67,10 +67,13 @@ def latest_checkpoint(home: str | Path, rank: int, world_size: int, zero_stage: 
     if chosen is None:
         yield None
         return
-    checkpoint_dir = fetch_checkpoint(chosen) if is_remote(home) else Path(chosen)
+    checkpoint_dir = fetch_checkpoint(chosen, rank) if is_remote(home) else Path(chosen)
     try:
         saved = read_train_state(checkpoint_dir)
         universal = needs_universal(saved, world_size, zero_stage)
+        if universal and is_remote(home):  # the conversion reads every rank's shards
+            shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
+            checkpoint_dir = fetch_checkpoint(chosen)
         load_dir = convert_to_universal(checkpoint_dir, saved["zero_stage"]) if universal else checkpoint_dir
         try:
             yield ResumePoint(checkpoint_dir, load_dir, saved, universal)

@@ -24,6 +24,7 @@ A local home is its own work dir, and nothing here copies anything for it.
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 from pathlib import Path
 
@@ -127,10 +128,20 @@ def fetch_model(home: str | Path) -> Path:
     return local
 
 
-def fetch_checkpoint(folder: str) -> Path:
+OTHER_RANKS_FILE = re.compile(r"(?:^|/)(?:zero_pp_rank_|rank_)(\d+)[_.]")  # DeepSpeed's per-rank shards, our RNG states
+
+
+def fetch_checkpoint(folder: str, rank: int | None = None) -> Path:
     """A checkpoint folder on object storage, copied into a fresh local temp dir of the same name
-    (the caller removes it once loaded)."""
+    (the caller removes it once loaded). With `rank`, only what that rank loads: not the other
+    ranks' ZeRO shards and RNG states, nor an exported model dir (at N ranks, N copies of every
+    shard would be N² of traffic); without, all of it (a universal conversion reads every shard)."""
     local = Path(tempfile.mkdtemp(prefix="raylm-resume-")) / storage.name_of(folder)
     local.mkdir()
-    storage.download_dir(folder, local)
+    wanted = None
+    if rank is not None:
+        wanted = {rel for rel in storage.files_under(folder)
+                  if not rel.startswith(f"{MODEL_SUBDIR}/")
+                  and all(int(m.group(1)) == rank for m in OTHER_RANKS_FILE.finditer(rel) if not rel.startswith("complete/"))}
+    storage.download_dir(folder, local, only=wanted)
     return local
