@@ -47,7 +47,7 @@ def finetune_console(ray_cluster, debug_model_dir, tmp_path_factory):
     env = dict(os.environ)
     # What the user's shell would not have: the test session's own settings.
     for name in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_TRAIN_ENABLE_PRINT_PATCH",
-                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "TORCH_EXTENSIONS_DIR"):
+                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "TORCH_EXTENSIONS_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         env.pop(name, None)
     argv = [sys.executable, "-m", "raylm.cli", "finetune", "--config", "sft-debug", "--base", str(debug_model_dir),
             "--data", str(chat), "--out", str(root / "run"), "--num-workers", "2", f"max_steps={STEPS}",
@@ -72,6 +72,10 @@ def test_finetune_console_has_each_step_once_and_no_traceback(finetune_console):
                    "built successfully"):  # DeepSpeed's shm op, printed by every worker
         assert needle not in text, f"{needle!r} in the console:\n{text[-4000:]}"
     assert "9 bad lines skipped" in text  # the malformed records are counted, in one line
+    # The command's own cluster is on loopback, though the user's shell did not say so: the worker
+    # group's line names each worker's address.
+    addresses = set(re.findall(r"\(ip=([0-9.]+), pid=\d+\) world_rank=", text))
+    assert addresses == {"127.0.0.1"}, text[-4000:]
 
 
 def test_cpu_runs_report_no_mfu(finetune_console):

@@ -17,13 +17,23 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 
 LOOPBACK = "127.0.0.1"
 
 
 def pin_to_loopback() -> None:
-    """Ray binds the machine's routable address unless told otherwise; keep a local cluster on 127.0.0.1."""
+    """Ray binds the machine's routable address unless told otherwise; keep a local cluster on 127.0.0.1.
+
+    Ray reads the switch once, when it is imported, so call this before. A Ray imported earlier in
+    the process (by a library, a notebook) has read it already: its module constant is set too
+    (a private name, checked when Ray picks the address of the node it starts).
+    """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "ray" in sys.modules and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -95,12 +105,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
 
     Inside a Ray job or a test session Ray is already initialised and this does nothing.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        pin_to_loopback()  # before `import ray`: a cluster we start stays on loopback
     import ray
 
     if ray.is_initialized():
         return
-    pin_to_loopback()
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(**joined_cluster_options(address, **kwargs))
     else:
