@@ -9,11 +9,11 @@ a few words, the size of the boilerplate every file shares. A document of fewer 
 words has no n-gram: it neither contaminates nor is dropped.
 
 Two passes, both on the Ray workers:
-1. The reference set: `reference_ngrams` (a Ray Data UDF) hashes the n-grams of the documents the
-   val split chooses (by content hash, as data/partition_pack.py does; those that the quality rules
-   would drop are left out, since they never reach val) and of every document of each evaluation
-   set, one row of unique hashes per block; one task (`merge_reference`) merges the blocks into one
-   sorted array in the object store. The driver holds its reference, not its contents.
+1. The reference set: the first pass (data/first_pass.py) hashes the n-grams of the documents the
+   val split chooses (by content hash, as data/partition_pack.py splits them; those the quality
+   rules drop are left out, since they never reach val), `reference_ngrams` those of every document
+   of each evaluation set, and one task (`merge_reference`) merges them into one sorted array in the
+   object store. The driver holds its reference, not its contents.
 2. The check: each encode task (data/encode.py) takes that array from the object store (zero-copy,
    once per process) and drops every train document with an n-gram in it (`first_shared_ngram`,
    a binary search per n-gram), as `contaminated`.
@@ -31,13 +31,12 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from raylm.data.content_hash import content_hash, is_val
+from raylm.data.content_hash import is_val
 from raylm.data.near_dedup import WORD_BASE, power_table, word_hashes
-from raylm.data.quality import QualityConfig, quality_problem
 
 WORD = re.compile(r"[^\t\n\x0b\x0c\r ]+")  # a word as word_hashes splits them (ASCII whitespace only)
-REFERENCE_SCHEMA = pa.schema([("set", pa.string()), ("ngrams", pa.large_list(pa.uint64())), ("documents", pa.int64()),
-                              ("error_order", pa.int64()), ("error", pa.string())])
+REFERENCE_SCHEMA = pa.schema([("set", pa.string()), ("ngrams", pa.large_list(pa.uint64())), ("error_order", pa.int64()),
+                              ("error", pa.string())])
 
 # The reference array of the last set this worker process used: (object ref id, array).
 _REFERENCE: tuple[str, np.ndarray] | None = None
@@ -56,40 +55,32 @@ def ngram_hashes(text: str, ngram: int) -> np.ndarray:
     return mixed * np.uint64(0xBF58476D1CE4E5B9)
 
 
-def reference_ngrams(batch: pa.Table, set_name: str, ngram: int, val_fraction: float | None, quality: dict | None) -> pa.Table:
-    """Ray Data UDF: document rows -> one row: the unique n-gram hashes of the batch's reference
-    documents (with `val_fraction`, those the val split chooses; without, all: an evaluation set),
-    how many there were, and the first error among the rows (order, message)."""
-    rules = QualityConfig(**quality) if quality is not None else None
-    texts, sources = batch.column("text").to_pylist(), batch.column("source").to_pylist()
-    chosen = []
-    for text, skip, source in zip(texts, batch.column("skip").to_pylist(), sources):
-        if text is None or skip is not None:
-            continue
-        if val_fraction is not None and not is_val(content_hash(text), val_fraction):
-            continue
-        if rules is not None and quality_problem(text, source, rules) is not None:
-            continue
-        chosen.append(ngram_hashes(text, ngram))
-    ngrams = np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.uint64)
-    errors = [(order, error) for order, error in zip(batch.column("order").to_pylist(), batch.column("error").to_pylist()) if error]
-    error_order, error = min(errors) if errors else (None, None)
-    return pa.table({"set": [set_name], "ngrams": pa.array([ngrams], type=pa.large_list(pa.uint64())), "documents": [len(chosen)],
-                     "error_order": pa.array([error_order], type=pa.int64()), "error": pa.array([error], type=pa.string())},
-                    schema=REFERENCE_SCHEMA)
+def reference_ngrams(batch: pa.Table, set_name: str, ngram: int) -> pa.Table:
+    """Ray Data UDF: an evaluation set's document rows -> reference rows: the n-gram hashes of each
+    document, and the documents' errors (order, message)."""
+    rows = [{"set": set_name, "ngrams": None if text is None else ngram_hashes(text, ngram), "error_order": order if error else None,
+             "error": error}
+            for text, order, error in zip(*(batch.column(name).to_pylist() for name in ("text", "order", "error")))
+            if text is not None or error is not None]
+    return pa.Table.from_pylist(rows, schema=REFERENCE_SCHEMA)
 
 
 def merge_reference(*blocks: pa.Table) -> tuple[np.ndarray, dict]:
-    """Ray task over reference_ngrams' blocks: (the sorted unique n-gram hashes, a small record:
-    documents per set, the n-grams in all, and the first error of an evaluation set, if any)."""
-    table = pa.concat_tables(blocks)
-    values = table.column("ngrams").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    reference = np.unique(values.astype(np.uint64))
-    documents: dict[str, int] = {}
-    for name, count in zip(table.column("set").to_pylist(), table.column("documents").to_pylist()):
-        documents[name] = documents.get(name, 0) + count
-    errors = [(order, name, error) for name, order, error in
-              zip(table.column("set").to_pylist(), table.column("error_order").to_pylist(), table.column("error").to_pylist()) if error]
+    """Ray task over reference rows, one per document: the first pass's survey blocks (the val split's
+    n-grams in column `ngrams`, data/first_pass.py) and reference_ngrams' (an evaluation set's, named in
+    `set`). Returns (the sorted unique n-gram hashes, a small record: documents per set, the n-grams
+    in all, and the first error of an evaluation set)."""
+    values, documents, errors = [], {}, []
+    for block in blocks:
+        ngrams = block.column("ngrams").combine_chunks()
+        values.append(ngrams.flatten().to_numpy(zero_copy_only=False))
+        names = block.column("set").to_pylist() if "set" in block.column_names else ["val"] * block.num_rows
+        for name, counted in zip(names, ngrams.is_valid().to_pylist()):
+            documents[name] = documents.get(name, 0) + counted
+        if "error" in block.column_names:
+            errors += [(order, name, error) for name, order, error in
+                       zip(names, block.column("error_order").to_pylist(), block.column("error").to_pylist()) if error]
+    reference = np.unique(np.concatenate(values).astype(np.uint64)) if values else np.zeros(0, dtype=np.uint64)
     first = min(errors) if errors else None
     return reference, {"documents": documents, "ngrams": int(len(reference)), "error": first and [first[1], first[2]]}
 
@@ -135,23 +126,3 @@ def drop_contaminated(texts: list[str | None], skips: list[str | None], digests:
             texts[i], skips[i] = None, "contaminated"
     return positions
 
-
-def build_reference(documents, eval_sets: dict, ngram: int, val_fraction: float, quality: dict | None):
-    """Pass 1 on the cluster: the reference set of the val split (chosen among `documents`, a Ray
-    Dataset of document rows) and of `eval_sets` ({name: Ray Dataset of document rows}). Returns
-    (an object ref to the sorted n-gram hashes, or None when there is nothing to compare against;
-    merge_reference's record)."""
-    import ray
-
-    parts = []
-    if val_fraction > 0:
-        parts.append(documents.map_batches(reference_ngrams, batch_format="pyarrow",
-                                           fn_kwargs={"set_name": "val", "ngram": ngram, "val_fraction": val_fraction, "quality": quality}))
-    for name, dataset in eval_sets.items():
-        parts.append(dataset.map_batches(reference_ngrams, batch_format="pyarrow",
-                                         fn_kwargs={"set_name": name, "ngram": ngram, "val_fraction": None, "quality": None}))
-    if not parts:
-        return None, {"documents": {}, "ngrams": 0, "error": None}
-    blocks = parts[0].union(*parts[1:]).materialize().to_arrow_refs() if len(parts) > 1 else parts[0].materialize().to_arrow_refs()
-    reference, record = ray.remote(num_returns=2)(merge_reference).remote(*blocks)
-    return reference, ray.get(record)

@@ -149,7 +149,7 @@ def example_column(batch: pa.Table, originals: list[str | None], texts: list[str
 def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_chars: int = DEFAULT_CHUNK_CHARS,
                      redact: bool = False, quality: dict | None = None, decontaminate: dict | None = None) -> pa.Table:
     """Ray Data UDF: document rows -> {order, source, skip, error, hash, ids (+ separator),
-    redacted_* counts, example (cleaning_report), and `bands` when the rows have them}.
+    redacted_* counts, example (cleaning_report)} (encoded_schema).
     The hash is of the document as read, so the split does not move with redaction. In order:
     `quality` (QualityConfig's fields) drops documents by data/quality.py's rules; `decontaminate`
     (drop_contaminated's `ngram`, `reference`, `val_fraction`) drops train documents that share an
@@ -187,6 +187,13 @@ def encode_documents(batch: pa.Table, tokenizer_json: str, id_dtype: str, chunk_
             "ids": pa.array(ids, type=pa.large_list(value_type)),
             **{redaction_column(p): pa.array(n, type=pa.int32()) for p, n in counts.items()},
             "example": example_column(batch, originals, texts, skips, redactions, shared, ngram, redact),
-            **({"bands": batch.column("bands")} if "bands" in batch.column_names else {}),  # near-dedup's LSH keys
-        }
+        },
+        schema=encoded_schema(id_dtype),
     )
+
+
+def encoded_schema(id_dtype: str) -> pa.Schema:
+    """encode_documents' output, fixed: the packing's input is joined from it and from near-dedup's marks."""
+    return pa.schema([("order", pa.int64()), ("source", pa.string()), ("skip", pa.string()), ("error", pa.string()),
+                      ("hash", pa.binary(16)), ("ids", pa.large_list(pa.uint16() if id_dtype == "uint16" else pa.uint32())),
+                      *[(redaction_column(p), pa.int32()) for p in PLACEHOLDERS], ("example", pa.string())])

@@ -13,9 +13,9 @@ The signature follows datasketch's default ("affine32") scheme, seed 1: the shin
 with MurmurHash3's 32-bit finalizer, then each permutation is `a * h + b mod 2^32` with `a` odd
 (tests check our signatures and candidates against datasketch's).
 
-On the cluster: `add_band_keys` (a Ray Data UDF, on the workers that read the documents) gives each
-document one 64-bit key per band; `band_rows` explodes them into (band key, order, partition)
-rows; Ray Data groups those by key bucket across workers, and `mark_later_documents` marks, in each
+On the cluster: the first pass (data/first_pass.py, on the workers that read the documents) gives
+each document one 64-bit key per band (`document_band_keys`); `band_rows` explodes them into
+(band key, order, partition) rows; Ray Data groups those by key bucket across workers, and `mark_later_documents` marks, in each
 bucket, every document that shares a band key with an earlier one. The marks travel to the
 document's own pack partition (data/partition_pack.py), which drops it.
 """
@@ -150,18 +150,9 @@ def document_band_keys(text: str, shingle_words: int, permutations: int, bands: 
 # ---- Ray Data UDFs --------------------------------------------------------------------------------
 
 
-def add_band_keys(batch: pa.Table, shingle_words: int, permutations: int, bands: int, rows: int) -> pa.Table:
-    """Ray Data UDF: document rows -> the same rows with `bands` (the LSH keys; null for no text)."""
-    keys = [
-        None if text is None or not text.strip() else document_band_keys(text, shingle_words, permutations, bands, rows)
-        for text in batch.column("text").to_pylist()
-    ]
-    return batch.append_column("bands", pa.array(keys, type=pa.list_(pa.uint64())))
-
-
 def band_rows(batch: pa.Table, buckets: int) -> pa.Table:
-    """Ray Data UDF: encoded rows -> one row per (band key, kept document), with the key's bucket."""
-    batch = batch.filter(pa.compute.is_null(batch.column("skip")))
+    """Ray Data UDF: survey rows (data/first_pass.py) -> one row per (band key, document), with the key's bucket."""
+    batch = batch.filter(batch.column("bands").is_valid())
     bands = batch.column("bands").combine_chunks()
     lengths = bands.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
     keys = bands.flatten().to_numpy(zero_copy_only=False).astype(np.uint64)

@@ -37,7 +37,7 @@ import pyarrow as pa
 from raylm.core.redact import PLACEHOLDERS
 from raylm.data.cleaning_report import EXAMPLES
 from raylm.data.content_hash import is_val
-from raylm.data.encode import redaction_column
+from raylm.data.encode import encoded_schema, redaction_column
 from raylm.data.near_dedup import band_rows, mark_later_documents
 from raylm.data.pack import ShardWriter
 
@@ -137,11 +137,12 @@ def offer_redactions(examples: dict[str, list[dict]], order: int, source: str, s
         offer(examples, placeholder, order, source, {}, **before_after)
 
 
-def near_duplicate_marks(encoded, partitions: int, schema: pa.Schema):
-    """A Ray Dataset of mark rows (`schema`, `near_duplicate` set): the documents of `encoded` with an
-    earlier candidate, found by grouping the LSH band keys across workers in `partitions` buckets."""
+def near_duplicate_marks(survey, partitions: int, schema: pa.Schema):
+    """A Ray Dataset of mark rows (`schema`, `near_duplicate` set): the documents of `survey` (the
+    first pass's rows, data/first_pass.py) with an earlier candidate, found by grouping the LSH band
+    keys across workers in `partitions` buckets."""
     marks = (
-        encoded.select_columns(["order", "partition", "skip", "bands"])
+        survey.select_columns(["order", "partition", "bands"])
         .map_batches(band_rows, batch_format="pyarrow", fn_kwargs={"buckets": partitions})
         .groupby("bucket", num_partitions=partitions)
         .map_groups(mark_later_documents, batch_format="pyarrow")
@@ -149,10 +150,9 @@ def near_duplicate_marks(encoded, partitions: int, schema: pa.Schema):
     return marks.map_batches(mark_table, batch_format="pyarrow", fn_kwargs={"schema": schema})
 
 
-def pack_schema(encoded_schema: pa.Schema) -> pa.Schema:
-    """The pack input's schema: the encoded rows' without the LSH keys, with `near_duplicate`."""
-    fields = [field for field in encoded_schema if field.name != "bands"]
-    return pa.schema(fields + [pa.field("near_duplicate", pa.bool_())])
+def pack_schema(id_dtype: str) -> pa.Schema:
+    """The pack input's schema: the encoded rows', their partition and `near_duplicate`."""
+    return pa.schema([*encoded_schema(id_dtype), pa.field("partition", pa.int32()), pa.field("near_duplicate", pa.bool_())])
 
 
 def mark_table(batch: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -164,26 +164,21 @@ def mark_table(batch: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def not_marks(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF: document rows -> the pack input (`near_duplicate` false, no LSH keys)."""
-    if "bands" in batch.column_names:
-        batch = batch.drop_columns(["bands"])
+    """Ray Data UDF: encoded rows -> the pack input (`near_duplicate` false)."""
     return batch.append_column("near_duplicate", pa.array(np.zeros(batch.num_rows, dtype=bool)))
 
 
 def pack_on_workers(encoded, partitions: int, root: Path, seq_len: int, dtype: str, rows_per_shard: int,
-                    val_fraction: float, dedup: bool, near_dedup: bool) -> list[dict]:
+                    val_fraction: float, dedup: bool, survey=None) -> list[dict]:
     """Run the partitioned dedup + pack + write over `encoded` (a Ray Dataset); the records, by partition.
-    With `near_dedup`, `encoded` (with its LSH band keys) is materialized in the object store first: the
-    band grouping and the packing both read it."""
+    With a `survey` (near-dedup on), its near-duplicate marks join the encoded rows in their partitions;
+    the encoded rows stream through, never held whole."""
     kwargs = {"root": str(root), "seq_len": seq_len, "dtype": dtype, "rows_per_shard": rows_per_shard,
               "val_fraction": val_fraction, "dedup": dedup}
     encoded = encoded.map_batches(assign_partitions, batch_format="pyarrow", fn_kwargs={"partitions": partitions})
-    if near_dedup:
-        encoded = encoded.materialize()
-        documents = encoded.map_batches(not_marks, batch_format="pyarrow")
-        pack_input = documents.union(near_duplicate_marks(encoded, partitions, pack_schema(encoded.schema().base_schema)))
-    else:
-        pack_input = encoded.map_batches(not_marks, batch_format="pyarrow")
+    pack_input = encoded.map_batches(not_marks, batch_format="pyarrow")
+    if survey is not None and survey.count():  # (a materialized survey counts its rows from metadata)
+        pack_input = pack_input.union(near_duplicate_marks(survey, partitions, pack_schema(dtype)))
     packed = pack_input.groupby("partition", num_partitions=partitions).map_groups(pack_partition, batch_format="pyarrow", fn_kwargs=kwargs)
     records = [json.loads(row["record"]) for row in packed.take_all()]
     return sorted(records, key=lambda record: record["partition"])

@@ -1,14 +1,16 @@
 """`raylm prepare --source SRC --out DIR`: a corpus -> a dataset dir (tokenizer + packed shards).
 
-The pipeline runs on the Ray workers; the driver touches no token. A first pass hashes the word
-n-grams of the val split's documents and of any evaluation sets into one set in the object store
-(data/decontaminate.py). Ray Data then reads and cleans documents and tokenizes them in parallel
-tasks (fused read -> parse -> MinHash band keys -> quality rules -> decontamination against that
-set -> redact -> encode); near duplicates are found by grouping the band keys across workers
-(data/near_dedup.py); the encoded documents are hash-partitioned by content hash, and one task
-per partition drops exact duplicates (the first in corpus order is kept) and the near duplicates
-marked for it, assigns each document to train or val by its content hash, packs each split into
-rows of `seq_len + 1` ids and writes the partition's Parquet shards (data/partition_pack.py). The
+The pipeline runs on the Ray workers; the driver touches no token. A first pass (data/first_pass.py)
+reads the corpus, applies the quality rules and gives each document its MinHash band keys, and
+the val split's documents their word n-grams; near duplicates are found by grouping the band keys
+across workers (data/near_dedup.py), and the n-grams of the val split and of any evaluation sets
+are merged into one set in the object store (data/decontaminate.py). Ray Data then reads, cleans
+and tokenizes the documents in parallel tasks (fused read -> parse -> quality rules ->
+decontamination against that set -> redact -> encode); the encoded documents are
+hash-partitioned by content hash, and one task per partition drops exact duplicates (the first in
+corpus order is kept) and the near duplicates marked for it, assigns each document to train or val
+by its content hash, packs each split into rows of `seq_len + 1` ids and writes the partition's
+Parquet shards (data/partition_pack.py). The
 driver plans (tokenizer, partition count), gathers one small record per partition and writes the
 manifest, with each cleaning step's counts and first examples (data/cleaning_report.py). Every
 choice sorts by the documents' corpus order and the partitions depend only on content hashes, so
@@ -39,9 +41,9 @@ from raylm.core.errors import UserError
 from raylm.core.redact import PLACEHOLDERS
 from raylm.data.cleaning_report import cleaning_section, merge_examples, report_lines
 from raylm.data.dataset_dir import FORMAT_VERSION, KIND, MANIFEST, read_dataset_manifest
-from raylm.data.decontaminate import build_reference
 from raylm.data.encode import DEFAULT_CHUNK_CHARS, encode_documents
-from raylm.data.near_dedup import add_band_keys, lsh_params
+from raylm.data.first_pass import first_pass
+from raylm.data.near_dedup import lsh_params
 from raylm.data.partition_pack import NO_ERROR, SPLITS, pack_on_workers
 from raylm.data.quality import QualityConfig
 from raylm.data.sources import Corpus, resolve_source
@@ -177,7 +179,7 @@ def make_tokenizer(cfg: PrepareConfig, documents):
 
 
 def near_dedup_settings(cfg: PrepareConfig) -> dict:
-    """add_band_keys' arguments: the shingles, the permutations and the LSH bands for the threshold."""
+    """document_band_keys' arguments: the shingles, the permutations and the LSH bands for the threshold."""
     bands, rows = lsh_params(cfg.near_dedup_threshold, cfg.near_dedup_permutations)
     return {"shingle_words": cfg.near_dedup_shingle_words, "permutations": cfg.near_dedup_permutations, "bands": bands, "rows": rows}
 
@@ -294,20 +296,22 @@ def evaluation_sets(cfg: PrepareConfig) -> dict[str, Corpus]:
     return sets
 
 
-def decontamination_pass(cfg: PrepareConfig, documents, eval_sets: dict[str, Corpus]) -> tuple[dict | None, dict | None]:
-    """(encode_documents' `decontaminate` argument, or None; the manifest's record of what was compared)."""
-    if not cfg.decontaminate:
-        return None, None
-    sets = {name: with_progress_bars(corpus.documents(cfg.max_doc_bytes)) for name, corpus in eval_sets.items()}
+def survey_corpus(cfg: PrepareConfig, documents, eval_sets: dict[str, Corpus], partitions: int):
+    """The first pass (data/first_pass.py). Returns (the survey for near-dedup's marks, or None;
+    encode_documents' `decontaminate` argument, or None; the manifest's record of what was compared)."""
     quality = asdict(cfg.quality) if cfg.quality_filter else None
-    reference, record = build_reference(documents, sets, cfg.decontaminate_ngram, cfg.val_fraction, quality)
+    ngram = cfg.decontaminate_ngram if cfg.decontaminate else None
+    sets = {name: with_progress_bars(corpus.documents(cfg.max_doc_bytes)) for name, corpus in eval_sets.items()}
+    survey, reference, record = first_pass(documents, sets, partitions, quality, near_dedup_settings(cfg) if cfg.near_dedup else None,
+                                           ngram, cfg.val_fraction)
+    if not cfg.decontaminate:
+        return survey, None, None
     if record["error"] is not None:
         name, message = record["error"]
         raise UserError(f"decontaminate_against {name!r}: {message}")
     info = {"ngram_words": cfg.decontaminate_ngram, "against": record["documents"], "reference_ngrams": record["ngrams"]}
-    if reference is None:
-        return None, info
-    return {"ngram": cfg.decontaminate_ngram, "reference": reference, "val_fraction": cfg.val_fraction}, info
+    decontaminate = {"ngram": cfg.decontaminate_ngram, "reference": reference, "val_fraction": cfg.val_fraction} if reference else None
+    return (survey if cfg.near_dedup else None), decontaminate, info
 
 
 def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: str | Path, started: float, eval_sets: dict[str, Corpus]) -> dict:
@@ -319,18 +323,16 @@ def build_dataset(cfg: PrepareConfig, corpus: Corpus, tmp: str | Path, started: 
     with storage.staged_locally(storage.child(tmp, "tokenizer")) as tokenizer_dir:
         tokenizer_sha = save_tokenizer(tokenizer, tokenizer_dir, cfg.seq_len)
     documents = with_progress_bars(documents)
-    decontaminate, decontamination = decontamination_pass(cfg, documents, eval_sets)
-    if cfg.near_dedup:
-        documents = documents.map_batches(add_band_keys, batch_format="pyarrow", fn_kwargs=near_dedup_settings(cfg))
+    partitions = plan_partitions(cfg, corpus)
+    survey, decontaminate, decontamination = survey_corpus(cfg, documents, eval_sets, partitions)
     encoded = documents.map_batches(
         encode_documents,
         batch_format="pyarrow",
         fn_kwargs={"tokenizer_json": tokenizer.to_str(), "id_dtype": dtype, "chunk_chars": cfg.chunk_chars, "redact": cfg.redact,
                    "quality": asdict(cfg.quality) if cfg.quality_filter else None, "decontaminate": decontaminate},
     )
-    partitions = plan_partitions(cfg, corpus)
     rows_per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))
-    records = pack_on_workers(encoded, partitions, tmp, cfg.seq_len, dtype, rows_per_shard, cfg.val_fraction, cfg.dedup, cfg.near_dedup)
+    records = pack_on_workers(encoded, partitions, tmp, cfg.seq_len, dtype, rows_per_shard, cfg.val_fraction, cfg.dedup, survey)
     manifest = build_manifest(cfg, corpus, tokenizer, tokenizer_sha, tokenizer_info, dtype, records, partitions, decontamination,
                               time.perf_counter() - started)
     storage.write_bytes(storage.child(tmp, MANIFEST), json.dumps(manifest, indent=2) + "\n")  # last: the dir is complete

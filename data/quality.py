@@ -37,6 +37,8 @@ CODE_SUFFIXES = frozenset({
 })  # fmt: skip
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with", "is", "in", "a", "for", "it", "as", "are", "or"})
 WORD = re.compile(r"\S+")
+NOT_ALPHANUMERIC = re.compile(r"[\W_]+")  # \w is str.isalnum plus '_'
+ASCII_NOT_ALPHANUMERIC = bytes(b for b in range(128) if not chr(b).isalnum())
 BULLETS = ("-", "*", "•", "‣", "◦", "·")
 TERMINAL = (".", "!", "?", '"', "'", ":", ")", "”")
 
@@ -131,6 +133,14 @@ def prose_problem(text: str, cfg: QualityConfig) -> str | None:
     return None
 
 
+def alphanumeric_count(text: str) -> int:
+    """How many characters of `text` are letters or digits (str.isalnum), counted in C; ASCII text
+    (most code) through a byte table, 5x faster again than the regular expression."""
+    if text.isascii():
+        return len(text.encode("ascii").translate(None, ASCII_NOT_ALPHANUMERIC))
+    return len(NOT_ALPHANUMERIC.sub("", text))
+
+
 def code_problem(text: str, cfg: QualityConfig) -> str | None:
     lines = [line.rstrip() for line in text.splitlines() if line.strip()]
     if len(lines) < cfg.min_code_lines:
@@ -138,8 +148,9 @@ def code_problem(text: str, cfg: QualityConfig) -> str | None:
     lengths = [len(line) for line in lines]
     if sum(lengths) / len(lines) > cfg.max_code_mean_line_length or max(lengths) > cfg.max_code_line_length:
         return "long_lines"
-    visible = [c for c in text if not c.isspace()]
-    if sum(c.isalnum() for c in visible) < cfg.min_code_alphanumeric * len(visible):
+    # Counted in C: a loop over each character took nine tenths of the quality rules' time.
+    visible = sum(map(len, text.split()))  # str.split breaks where str.isspace holds
+    if alphanumeric_count(text) < cfg.min_code_alphanumeric * visible:
         return "alphanumeric"
     # Short lines repeat in any good code ("}", "return None", "else:"); count lines of 20+ characters.
     if repeated_line_chars([line.strip() for line in lines], min_length=20) > cfg.max_code_repeated_line_chars:
