@@ -77,20 +77,20 @@ def test_request_arriving_mid_generation_joins_the_running_batch(engine):
 
 
 def test_cancel_frees_the_slot_at_the_next_step(engine):
-    free_before, cancelled_before = len(engine.free_slots), engine.counters.requests_cancelled
+    free_before, cancelled_before = engine.free_slots, engine.counters.requests_cancelled
     seq = engine.submit(engine.encode_prompt(PROMPTS[2]), greedy(100), lambda out: None)
     engine.step()
-    assert len(engine.free_slots) == free_before - 1
+    assert engine.free_slots == free_before - 1
     engine.cancel(seq)
     engine.step()
-    assert len(engine.free_slots) == free_before and not engine.has_work()
+    assert engine.free_slots == free_before and not engine.has_work()
     assert engine.counters.requests_cancelled == cancelled_before + 1
     assert engine.stats()["requests_running"] == 0
 
 
 def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(engine):
     outputs = {"good": [], "bad": []}
-    failed_before, free_before = engine.counters.requests_failed, len(engine.free_slots)
+    failed_before, free_before = engine.counters.requests_failed, engine.free_slots
     good = engine.submit(engine.encode_prompt(PROMPTS[0]), greedy(50, ignore_eos=True), outputs["good"].append)
     engine.step()
     # An id past the vocabulary (encode_prompt would refuse it) makes the next forward raise.
@@ -100,7 +100,7 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(engine):
     assert (good.finish_reason, bad.finish_reason) == ("error", "error")
     assert outputs["good"][-1].finish_reason == outputs["bad"][-1].finish_reason == "error"
     assert engine.counters.requests_failed == failed_before + 2
-    assert len(engine.free_slots) == free_before and not engine.has_work()
+    assert engine.free_slots == free_before and not engine.has_work()
     assert engine.generate([engine.encode_prompt(PROMPTS[0])], greedy(4))[0][2] == "length"
 
 
@@ -126,25 +126,25 @@ def test_engine_loop_streams_requests_and_cancels_one_left_early(engine):
         loop.stop()
     assert "".join(out.text for out in outputs) == text and outputs[-1].finish_reason == "length"
     assert [t for out in outputs for t in out.token_ids] == out_ids
-    assert not engine.has_work() and len(engine.free_slots) == 8
+    assert not engine.has_work() and engine.free_slots == 8
     assert engine.counters.requests_cancelled == cancelled_before + 1
 
 
 def test_engine_loop_fails_every_request_at_once_and_stops_when_a_step_raises(engine, monkeypatch):
-    """A fault inside a step (here the model runner's decode, as an out-of-memory error would be)
+    """A fault inside a step (here the model runner's forward, as an out-of-memory error would be)
     ends the running streams and the queued request with an `error` output within a second; the
     loop's thread ends (the replica's health check then fails) and later requests are refused."""
     ids = engine.encode_prompt(PROMPTS[0])
     fail = threading.Event()
-    decode = engine.runner.decode
+    forward = engine.runner.run
 
-    def faulty_decode(seqs):
+    def faulty_run(chunks, all_rows):
         if fail.is_set():
             raise RuntimeError("injected fault: out of memory")
-        return decode(seqs)
+        return forward(chunks, all_rows)
 
-    monkeypatch.setattr(engine.runner, "decode", faulty_decode)
-    free_before, failed_before = len(engine.free_slots), engine.counters.requests_failed
+    monkeypatch.setattr(engine.runner, "run", faulty_run)
+    free_before, failed_before = engine.free_slots, engine.counters.requests_failed
     loop = EngineLoop(engine)
 
     async def run() -> tuple[list, float]:
@@ -152,7 +152,7 @@ def test_engine_loop_fails_every_request_at_once_and_stops_when_a_step_raises(en
             return [out async for batch in loop.stream([(ids, greedy(max_tokens, ignore_eos=True))]) for _, out in batch]
 
         streams = [asyncio.create_task(consume(200)) for _ in range(3)]
-        while engine.counters.generated_tokens == 0 or len(engine.free_slots) > free_before - 3:
+        while engine.counters.generated_tokens == 0 or engine.free_slots > free_before - 3:
             await asyncio.sleep(0.01)  # all three are decoding
         queued = asyncio.create_task(consume(200))
         await asyncio.sleep(0)
@@ -172,7 +172,7 @@ def test_engine_loop_fails_every_request_at_once_and_stops_when_a_step_raises(en
         with pytest.raises(EngineFailed, match="injected fault"):
             asyncio.run(anext(loop.stream([(ids, greedy(4))])))
         assert engine.counters.requests_failed == failed_before + 4
-        assert len(engine.free_slots) == free_before and not engine.has_work()
+        assert engine.free_slots == free_before and not engine.has_work()
     finally:
         loop.stop()
 
@@ -251,18 +251,26 @@ def test_prompt_logprobs_score_every_prompt_token_and_max_tokens_0_generates_not
     assert together[0] == together[1] == engine.generate([ids], greedy(3))[0]
 
 
-def test_a_prompts_choices_share_its_prefill_and_sample_from_their_own_seeds(engine, monkeypatch):
-    ids = engine.encode_prompt(PROMPTS[3])
+def test_a_prompts_choices_share_its_blocks_and_sample_from_their_own_seeds(engine, monkeypatch):
+    """n > 1: the first choice computes the prompt, the others start from its full blocks (held
+    once, by all three) and compute only the rest, then each samples with its own seed."""
+    ids = engine.encode_prompt(PROMPTS[3]) * 3  # several full blocks
+    size = engine.blocks.block_size
     params = [SamplingParams(max_tokens=10, temperature=1.0, seed=choice_seed(42, j)) for j in range(3)]
-    forward, rows = engine.runner.forward, []
+    run, computed, tables = engine.runner.run, [], []
 
-    def counting_forward(tokens, positions, seqs):
-        rows.append(tokens.shape)
-        return forward(tokens, positions, seqs)
+    def watching_run(chunks, all_rows):
+        computed.append([n for _, n in chunks])
+        tables.append([list(seq.block_table) for seq, _ in chunks])
+        return run(chunks, all_rows)
 
-    monkeypatch.setattr(engine.runner, "forward", counting_forward)
+    monkeypatch.setattr(engine.runner, "run", watching_run)
+    hits = engine.blocks.hit_tokens
     together = engine.generate([ids] * 3, params)
-    assert rows[0] == (1, len(ids)) and rows[1] == (3, 1)  # one prefill row for the three, then three decode rows
+    reused = (len(ids) - 1) // size
+    assert computed[0] == [len(ids)] and computed[1] == [1] + [len(ids) - reused * size] * 2  # then the first one decodes beside them
+    assert tables[1][1][:reused] == tables[1][2][:reused] == tables[0][0][:reused]
+    assert engine.blocks.hit_tokens - hits == 2 * reused * size
     monkeypatch.undo()
     assert together == [engine.generate([ids], p)[0] for p in params]
     assert len({tuple(out_ids) for _, out_ids, _ in together}) == 3

@@ -59,22 +59,26 @@ def test_kv_cache_decode_matches_full_forward_for_sequences_of_different_lengths
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
     model = Transformer(cfg).eval()
     seqs = [torch.randint(0, 50, (n,)) for n in (5, 11)]
-    cache = KVCache(cfg, max_batch=3, max_len=32)
-    slots = torch.tensor([2, 0])  # any free slots, not 0..B-1
-    # Prefill each prompt but its last token in its own slot, then decode the rest together.
-    for slot, seq in zip(slots, seqs):
-        cache.bind(slot[None], torch.arange(3)[None])
-        with torch.no_grad():
-            model(seq[None, :3], positions=torch.arange(3)[None], cache=cache)
+    cache = KVCache(cfg, num_blocks=8, block_size=4)
+    blocks = [[6, 7], [0, 3, 4]]  # any blocks, not 0..k-1, and not consecutive either
+    slot = lambda i, p: blocks[i][p // 4] * 4 + p % 4  # noqa: E731
+    # Prefill the first 3 tokens of both in one packed row, then decode the rest together.
+    ranges = [[(slot(i, 0), slot(i, 0) + 3)] for i in range(2)]
+    cache.bind(torch.tensor([slot(i, p) for i in range(2) for p in range(3)]), [(0, 3, ranges[0]), (3, 3, ranges[1])])
+    with torch.no_grad():
+        model(torch.cat([s[:3] for s in seqs])[None], positions=torch.tensor([[0, 1, 2] * 2]), cache=cache)
     decoded = {0: [], 1: []}
     for pos in range(3, 11):
         live = [i for i, s in enumerate(seqs) if pos < len(s)]
-        positions = torch.tensor([[pos] for _ in live])
-        cache.bind(slots[live], positions)
-        with torch.no_grad():
-            logits = model(torch.stack([seqs[i][pos : pos + 1] for i in live]), positions=positions, cache=cache)
+        spans = []
         for row, i in enumerate(live):
-            decoded[i].append(logits[row, -1])
+            held = [(b * 4, b * 4 + min(4, pos + 1 - k * 4)) for k, b in enumerate(blocks[i]) if k * 4 <= pos]
+            spans.append((row, 1, held))
+        cache.bind(torch.tensor([slot(i, pos) for i in live]), spans)
+        with torch.no_grad():
+            logits = model(torch.stack([seqs[i][pos] for i in live])[None], positions=torch.tensor([[pos] * len(live)]), cache=cache)
+        for row, i in enumerate(live):
+            decoded[i].append(logits[0, row])
     for i, seq in enumerate(seqs):
         with torch.no_grad():
             full = model(seq[None])[0, 3:]

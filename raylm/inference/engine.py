@@ -1,16 +1,20 @@
 """The generation engine: ties the scheduler, the model runner and output processing together.
 
 `Engine.step()` is one round of continuous batching:
-1. the scheduler retires cancelled sequences, admits waiting ones into free KV cache slots and
-   says which sequences prefill and which decode (`scheduler.py`);
-2. the model runner prefills the admitted prompts together in one forward and decodes every other
-   running sequence in another, one token each at its own position and slot (`runner.py`);
-3. output processing samples each sequence's next token, applies its stops and streams its new
-   text to its consumer (`output.py`);
-4. the scheduler retires the finished sequences, whose slots are free for the next step.
+1. the scheduler retires cancelled sequences, gives each decoding sequence the KV cache block its
+   next token needs (preempting the newest when none is free), and admits waiting ones while
+   blocks are free, starting each from the cached blocks of its prompt's prefix and cutting long
+   prompts into chunks within a per-step budget (`scheduler.py`, `block_manager.py`);
+2. the model runner computes every scheduled token in one forward: the decodes' one token each
+   and the prefills' chunks, packed together, each sequence over its own blocks (`runner.py`);
+3. output processing samples the next token of each sequence whose known tokens are now all
+   computed, applies its stops and streams its new text to its consumer (`output.py`);
+4. the scheduler retires the finished sequences, whose blocks are free for the next step (and
+   whose full blocks stay registered for later prefixes).
 
 So a request that arrives mid-generation joins at the next step instead of waiting for a batch to
-drain. `Engine` itself is synchronous (the `generate` CLI drives it directly); `EngineLoop` runs it
+drain, and one long prompt delays the running decodes by a chunk per step, not by all of it. The
+cache is sized once, from a memory budget (`kv_budget.py`). `Engine` itself is synchronous (the `generate` CLI drives it directly); `EngineLoop` runs it
 in a thread and hands out asyncio streams (the Serve replica). The engine also owns what a request
 needs before it is queued: the tokenizer, the chat template and the request checks.
 """
@@ -31,7 +35,9 @@ from pathlib import Path
 import torch
 
 from raylm.core.errors import UserError
+from raylm.inference.block_manager import BlockManager
 from raylm.inference.detokenize import TextStream
+from raylm.inference.kv_budget import free_memory, parse_size, plan_kv_cache
 from raylm.inference.output import OutputProcessor
 from raylm.inference.runner import ModelRunner
 from raylm.inference.sampling import SamplingParams, new_generator
@@ -57,9 +63,13 @@ class InvalidRequest(UserError):
 
 @dataclass
 class EngineConfig:
-    max_batch_size: int = 32  # sequences decoded together (KV cache slots)
+    max_batch_size: int = 32  # sequences running at once (they share the KV cache's blocks)
     max_model_len: int = 0  # longest prompt + output; 0 = the model's max_position_embeddings
-    max_prefill_tokens: int = 4096  # padded prompt tokens prefilled in one step (bounds decode stalls)
+    max_prefill_tokens: int = 2048  # prompt tokens computed per step; longer prompts are prefilled in chunks while the others decode
+    kv_cache_memory: str = ""  # the KV cache's size, e.g. 2GiB or 512MiB; "" = kv_cache_fraction of the free memory
+    kv_cache_fraction: float = 0.9  # without kv_cache_memory: this share of the device's memory free after the weights load (at most max_batch_size full-length sequences' worth)
+    kv_block_size: int = 16  # tokens per KV cache block
+    prefix_caching: bool = True  # start a prompt from the cached blocks of an earlier one's equal prefix
     device: str = "auto"  # "cpu", "cuda", "cuda:1", ...; auto = cuda when available
     dtype: str = "auto"  # float32 | bfloat16 | float16; auto = bfloat16 on CUDA, float32 on CPU
     threads: int = 0  # torch CPU threads for this engine (0 = torch's default)
@@ -71,6 +81,14 @@ class EngineConfig:
             raise UserError(f"max_model_len must be 0 (the model's) or positive, got {self.max_model_len}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"dtype {self.dtype!r}: expected auto, float32, bfloat16 or float16")
+        if self.max_prefill_tokens < 1:
+            raise UserError(f"max_prefill_tokens must be at least 1, got {self.max_prefill_tokens}")
+        if self.kv_block_size < 1:
+            raise UserError(f"kv_block_size must be at least 1, got {self.kv_block_size}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise UserError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.kv_cache_memory:
+            parse_size(self.kv_cache_memory)
 
 
 @dataclass
@@ -111,19 +129,26 @@ class Engine:
         self.config.validate()
         self.model_dir = Path(model_dir)
         cfg = self.config
-        self.runner = ModelRunner(self.model_dir, cfg.max_batch_size, cfg.max_model_len, cfg.device, cfg.dtype, cfg.threads)
+        self.runner = ModelRunner(self.model_dir, cfg.max_model_len, cfg.device, cfg.dtype, cfg.threads)
         self.model, self.model_config = self.runner.model, self.runner.model_config
         self.device, self.max_len = self.runner.device, self.runner.max_len
+        self.kv_cache = plan_kv_cache(
+            self.model_config, self.runner.dtype, cfg.max_batch_size, self.max_len, cfg.kv_block_size, cfg.kv_cache_memory,
+            cfg.kv_cache_fraction, None if cfg.kv_cache_memory else free_memory(self.device),
+        )
+        self.runner.allocate_cache(self.kv_cache)
+        log.info("%s", self.kv_cache.describe())
         self.tokenizer = load_tokenizer(self.model_dir)
         self.chat_template = ChatTemplate(read_tokenizer_config(self.model_dir))
-        self.scheduler = Scheduler(cfg.max_batch_size, cfg.max_prefill_tokens)
+        self.blocks = BlockManager(self.kv_cache.num_blocks, cfg.kv_block_size, cfg.prefix_caching)
+        self.scheduler = Scheduler(cfg.max_batch_size, cfg.max_prefill_tokens, self.blocks)
         self.output = OutputProcessor(read_stop_token_ids(self.model_dir), self.max_len)
         self.ids = itertools.count()
         self.counters = EngineStats()
 
     # Callers and tests read the free slots and override the model's stop tokens on the engine.
     @property
-    def free_slots(self) -> list[int]:
+    def free_slots(self) -> int:
         return self.scheduler.free_slots
 
     @property
@@ -189,7 +214,7 @@ class Engine:
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """Mark a request as abandoned; the next step frees its slot (safe from any thread)."""
+        """Mark a request as abandoned; the next step frees its blocks (safe from any thread)."""
         self.scheduler.cancel(seq)
 
     def has_work(self) -> bool:
@@ -215,16 +240,14 @@ class Engine:
     def run_step(self) -> None:
         scheduled = self.scheduler.schedule()
         self.counters.requests_cancelled += len(scheduled.cancelled)
-        if scheduled.prefill:
-            self.prefill(scheduled.prefill)
-        if scheduled.decode:
-            self.decode(scheduled.decode)
+        if scheduled.decode or scheduled.prefill:
+            self.compute(scheduled.decode, scheduled.prefill)
         self.emit(self.scheduler.running)
         finished = self.scheduler.retire_finished()
         self.counters.requests_finished += len(finished)
 
     def fail_all(self) -> None:
-        """End every running and waiting request with an `error` output; their slots are free again.
+        """End every running and waiting request with an `error` output; their blocks are free again.
 
         The output is built here, not by output processing, which may be what failed.
         """
@@ -238,28 +261,38 @@ class Engine:
             except Exception:  # a consumer that is gone must not keep the others from hearing
                 log.exception("telling request %d that it failed did not work", seq.id)
 
-    def prefill(self, seqs: list[Sequence]) -> None:
-        logits, rows = self.runner.prefill(seqs)  # [P, T, vocab], each sequence's row
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=logits.device)
-        self.output.sample(seqs, logits[torch.tensor(rows, device=logits.device), last])
-        for seq, row in zip(seqs, rows):
-            if seq.params.prompt_logprobs is not None:
-                self.output.score_prompt(seq, logits[row])
-        now = time.perf_counter()
-        self.counters.ttft.extend(now - s.arrived for s in seqs)
-        self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
-        self.counters.generated_tokens += sum(len(s.output_ids) for s in seqs)
-
-    def decode(self, seqs: list[Sequence]) -> None:
+    def compute(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> None:
+        """One forward over the step's tokens, then a token for each sequence whose known tokens are
+        all computed (every decode, and each prefill whose last chunk this was)."""
         started = time.perf_counter()
-        self.output.sample(seqs, self.runner.decode(seqs))
+        chunks = [(seq, 1) for seq in decode] + prefill
+        scoring = [seq.params.prompt_logprobs is not None and not seq.output_ids and seq.num_computed < len(seq.prompt_ids) for seq, _ in chunks]
+        logits, given = self.runner.run(chunks, scoring)
+        ready, rows = [], []
+        for (seq, n), scores, rows_of_seq in zip(chunks, scoring, given):
+            seq.num_computed += n
+            self.blocks.register(seq)
+            if scores:
+                seq.prompt_logits.append(logits[rows_of_seq][: len(seq.prompt_ids) - seq.num_computed + n])
+                if seq.num_computed >= len(seq.prompt_ids):
+                    self.output.score_prompt(seq, torch.cat(seq.prompt_logits))
+                    seq.prompt_logits = []
+            if seq.num_computed == seq.length:
+                ready.append(seq)
+                rows.append(rows_of_seq.stop - 1)
+        first = [seq for seq in ready if not seq.output_ids]
+        self.output.sample(ready, logits[torch.tensor(rows, device=logits.device, dtype=torch.long)])
+        now = time.perf_counter()
         stats = self.counters
-        stats.steps += 1
-        stats.generated_tokens += len(seqs)
-        stats.batch_size_last = len(seqs)
-        stats.batch_size_max = max(stats.batch_size_max, len(seqs))
-        stats.batch_size_sum += len(seqs)
-        stats.decode_seconds += time.perf_counter() - started
+        stats.ttft.extend(now - s.arrived for s in first)
+        stats.prompt_tokens += sum(len(s.prompt_ids) for s in first)
+        stats.generated_tokens += sum(s.params.max_tokens > 0 for s in ready)
+        if decode:
+            stats.steps += 1
+            stats.batch_size_last = len(decode)
+            stats.batch_size_max = max(stats.batch_size_max, len(decode))
+            stats.batch_size_sum += len(decode)
+            stats.decode_seconds += now - started
 
     def emit(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -300,8 +333,15 @@ class Engine:
             "requests_finished": c.requests_finished,
             "requests_cancelled": c.requests_cancelled,
             "requests_failed": c.requests_failed,
-            "free_slots": len(self.free_slots),
+            "free_slots": self.free_slots,
             "max_batch_size": self.config.max_batch_size,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_used": self.blocks.num_blocks - self.blocks.num_free,
+            "kv_block_size": self.blocks.block_size,
+            "prefix_cache_queried_tokens": self.blocks.queried_tokens,
+            "prefix_cache_hit_tokens": self.blocks.hit_tokens,
+            "prefix_cache_hit_rate": self.blocks.hit_tokens / self.blocks.queried_tokens if self.blocks.queried_tokens else 0.0,
+            "preemptions": self.scheduler.preemptions,
             "decode_steps": c.steps,
             "batch_size_last": c.batch_size_last,
             "batch_size_max": c.batch_size_max,
@@ -367,8 +407,8 @@ class EngineLoop:
                 raise EngineFailed(f"the engine stopped after a failed step ({type(self.failure).__name__}: {self.failure})")
             for prompt_ids, params in requests:
                 self.engine.check_request(prompt_ids, params)
-            # Queued back to back, a request's choices are admitted in the same step where slots allow,
-            # and then share their prompt's prefill.
+            # Queued back to back, a request's choices share their prompt's blocks: the first computes
+            # them, the others start from them (the scheduler holds them back until it has).
             seqs = [self.engine.submit(ids, params, lambda out, i=i: on_output(i, out)) for i, (ids, params) in enumerate(requests)]
         self.wakeup.set()
         return seqs
@@ -380,7 +420,7 @@ class EngineLoop:
         With `min_interval_s`, batches after the first are at least that far apart: fewer, larger
         writes when many streams share a replica (each write is a message through Serve's proxy).
         Leaving the iteration early (a client that disconnected) cancels the unfinished requests,
-        which frees their cache slots at the next step.
+        which frees their cache blocks at the next step.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()

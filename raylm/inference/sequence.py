@@ -1,8 +1,8 @@
 """One request's state as it moves through the engine (`Sequence`), what its consumer is handed
 after each step (`Output`), and the reasons a sequence ends.
 
-Plain data: the scheduler, the model runner and output processing each read and write their own
-fields of a `Sequence`; none of them holds per-request state of its own.
+Plain data: the scheduler and block manager, the model runner and output processing each read and
+write their own fields of a `Sequence`; none of them holds per-request state of its own.
 """
 
 from __future__ import annotations
@@ -49,7 +49,10 @@ class Sequence:
     stream: TextStream  # its generated text, incrementally detokenized
     generator: torch.Generator  # its own, so a seeded request samples the same whatever its batch
     arrived: float = field(default_factory=time.perf_counter)
-    slot: int = -1  # its KV cache slot while it runs
+    block_table: list[int] = field(default_factory=list)  # its KV cache blocks, in token order, while it runs
+    block_hashes: list[bytes] = field(default_factory=list)  # the prefix hashes of its registered full blocks
+    num_computed: int = 0  # leading tokens whose keys and values are in its blocks
+    prompt_logits: list = field(default_factory=list)  # a scored prompt's logits, chunk by chunk, until it is all computed
     output_ids: list[int] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)  # generated token -> times, for penalties
     new_choices: list[TokenChoice] = field(default_factory=list)  # logprobs not handed out yet
@@ -59,8 +62,22 @@ class Sequence:
     cancelled: bool = False  # set from any thread; the scheduler retires it at the next step
 
     def __post_init__(self) -> None:
-        self.prompt_key = tuple(self.prompt_ids)  # sequences with equal keys share one prefill (a request's n choices)
+        self.prompt_key = tuple(self.prompt_ids)  # a request's n choices share it, and with it their prompt's blocks
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def planned_length(self) -> int:
+        """The most tokens it can reach: where its blocks are placed, room is left for them."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Its tokens start..end-1, prompt then output."""
+        prompt = len(self.prompt_ids)
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        if start >= prompt:
+            return self.output_ids[start - prompt : end - prompt]
+        return self.prompt_ids[start:] + self.output_ids[: end - prompt]

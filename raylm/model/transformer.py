@@ -21,7 +21,7 @@ residual stream (o_proj, down_proj) are scaled by 1/sqrt(2 * n_layers) so the re
 does not grow with depth (GPT-2's rule); norm weights start at 1.
 
 Pure PyTorch: no Ray, no DeepSpeed. Activation checkpointing is applied from outside through the
-`activation_checkpoint` hook; the KV cache used for decoding is the small `KVCache` below.
+`activation_checkpoint` hook; the KV cache used for generation is the paged `KVCache` below.
 """
 
 from __future__ import annotations
@@ -127,58 +127,58 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values for up to `max_batch` sequences ("slots") of up to `max_len` tokens each.
+    """Keys and values of many sequences in fixed-size blocks: `k` and `v` [layers, kv heads,
+    slots, head dim], where block b holds slots b*block_size .. (b+1)*block_size - 1.
 
-    A sequence writes its positions 0, 1, 2, ... into its slot (prefill writes many at once,
-    decode one per step); a query at position p attends to keys 0..p of its own slot. Slots are
-    independent, so sequences of different lengths decode together in one batch (continuous
-    batching) and a finished slot is reused by overwriting it from position 0.
+    Each forward computes some new tokens of several sequences packed into one row (a decode's one
+    token, a chunk of a prompt): `bind(slots, spans)` says where each new token's keys and values
+    go and, per sequence, which rows are its queries and which slot ranges hold its keys so far.
+    A query at position p attends to the keys of positions 0..p of its own sequence. A sequence
+    whose keys lie in one range is read as a view; one spread over several is gathered first.
 
-    Usage per forward: `cache.bind(slots, positions)`, then `model(tokens, positions=positions,
+    Usage per forward: `cache.bind(slots, spans)`, then `model(tokens [1, N], positions=positions,
     cache=cache)`.
     """
 
-    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, cfg.n_kv_heads, num_blocks * block_size, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
+        self.block_size = block_size
         self.slots: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
-        self.attn_mask: torch.Tensor | None = None
-        self.span = 0
+        self.spans: list[tuple[int, int, list[tuple[int, int]]]] = []
 
-    def bind(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        """Set the slots [B] and positions [B, T] that the next forward reads and writes."""
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"position {int(positions.max())} is past the cache's {self.max_len} tokens")
-        self.slots, self.positions = slots, positions
-        self.span = int(positions.max()) + 1  # keys beyond this are never visible
-        # For decode (one new token each): each sequence's slot and length, read as views (attend_each).
-        self.slot_list, self.length_list = slots.tolist(), (positions[:, -1] + 1).tolist()
-        keys = torch.arange(self.span, device=positions.device)
-        self.attn_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]
+    def bind(self, slots: torch.Tensor, spans: list[tuple[int, int, list[tuple[int, int]]]]) -> None:
+        """slots [N]: each new token's cache slot. spans: per sequence (its first row, its row count,
+        the slot ranges [start, end) that hold its keys in order, the new tokens' included)."""
+        self.slots = slots
+        self.spans = [(row, rows, ranges, sum(end - start for start, end in ranges),
+                       None if len(ranges) == 1 else torch.cat([torch.arange(a, b) for a, b in ranges]).to(slots.device))
+                      for row, rows, ranges in spans]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [B, Hkv, T, D] at the bound positions."""
-        index = (self.slots[:, None], slice(None), self.positions)  # advanced dims first: [B, T, Hkv, D]
-        self.k[layer][index] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][index] = v.transpose(1, 2).to(self.v.dtype)
+        """Store k, v [1, Hkv, N, D] at the bound slots."""
+        self.k[layer][:, self.slots] = k[0].to(self.k.dtype)
+        self.v[layer][:, self.slots] = v[0].to(self.v.dtype)
 
-    def attend_each(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Attention of one query token per sequence, q [B, H, 1, D] -> [B, H, 1, D], each over its own
-        slot's keys 0..length-1 read as a view. Gathering the slots into one padded batch copies every
-        sequence's keys and values per layer and step, which made a decode step at batch 8 cost 1.7-2x
-        more at context 512 than at 64; views keep it near 1.15x (same logits within 1e-6)."""
-        rows = [F.scaled_dot_product_attention(q[b : b + 1], self.k[layer, slot, :, :n][None].to(q.dtype),
-                                               self.v[layer, slot, :, :n][None].to(q.dtype), enable_gqa=True)
-                for b, (slot, n) in enumerate(zip(self.slot_list, self.length_list))]
-        return torch.cat(rows)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, Hkv, T, D] at the bound positions; return the slots' keys/values [B, Hkv, span, D]."""
-        self.store(layer, k, v)
-        return self.k[layer][self.slots, :, : self.span], self.v[layer][self.slots, :, : self.span]
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [1, H, N, D] -> [1, H, N, D]: each sequence's queries over its own keys (GQA inside SDPA)."""
+        k, v = self.k[layer], self.v[layer]  # [Hkv, slots, D]
+        out = []
+        for row, rows, ranges, length, index in self.spans:
+            if index is None:  # one range: a view, no copy
+                (start, end), = ranges
+                keys, values = k[:, start:end], v[:, start:end]
+            else:
+                keys, values = k.index_select(1, index), v.index_select(1, index)
+            mask, causal = None, False
+            if rows > 1 and rows == length:  # a prompt from its start
+                causal = True
+            elif rows > 1:  # a chunk after earlier tokens: query i sits at position length - rows + i
+                mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - rows, length, device=q.device)[:, None]
+            out.append(F.scaled_dot_product_attention(q[:, :, row : row + rows], keys[None].to(q.dtype), values[None].to(q.dtype),
+                                                      attn_mask=mask, is_causal=causal, enable_gqa=True))
+        return torch.cat(out, dim=2)
 
 
 class Attention(nn.Module):
@@ -198,20 +198,16 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and T == 1:  # decode: each sequence over its own cached keys, no gather
+        if cache is not None:  # the new tokens' keys join their sequences' blocks; each attends over its own
             cache.store(self.layer_index, k, v)
-            y = cache.attend_each(self.layer_index, q)  # [B, H, 1, D]
+            y = cache.attend(self.layer_index, q)  # [1, H, N, D]
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        if cache is None:
-            causal = mask is None
-        else:
-            k, v = cache.update(self.layer_index, k, v)  # [B, Hkv, S, D]
-            mask, causal = cache.attn_mask, False
+        causal = mask is None
         groups = self.n_heads // self.n_kv_heads
         if groups > 1:  # kv head i serves query heads i*groups .. i*groups+groups-1
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, dim]
 
 
@@ -282,6 +278,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         segments: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ):
         """tokens [B, T] -> logits [B, T, vocab] (fp32), or the mean loss when targets [B, T] are given.
 
@@ -290,6 +287,8 @@ class Transformer(nn.Module):
         each token sits in its sequence. `segments` [B, T] marks packed rows: a token attends only
         to earlier tokens of its own segment, and its position counts from its segment's start
         (unless `positions` are given), so each packed example is computed as if it were alone.
+        `rows` [R] picks the positions of a one-row batch whose logits are wanted ([1, R, vocab]):
+        the last token of each sequence when several are packed with a cache, say.
         """
         B, T = tokens.shape
         mask = None
@@ -306,6 +305,8 @@ class Transformer(nn.Module):
                 x = self.activation_checkpoint(layer, x, cos, sin, None, mask)
             else:
                 x = layer(x, cos, sin, cache, mask)
+        if rows is not None:
+            x = x[:, rows]
         logits = self.lm_head(self.norm(x)).float()  # [B, T, vocab]
         if targets is None:
             return logits
