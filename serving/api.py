@@ -113,7 +113,10 @@ async def read_body(request: Request, limit: int) -> bytes:
 STATS_SCHEMA = {"type": "object", "additionalProperties": {"type": ["number", "null"]}}  # null: a percentile before any request
 
 # The engine's counters that only grow (Prometheus counters, exposed as NAME_total); its other stats are gauges.
-ENGINE_COUNTERS = frozenset({"requests_finished", "requests_cancelled", "requests_failed", "decode_steps", "prompt_tokens", "generated_tokens"})
+ENGINE_COUNTERS = frozenset({
+    "requests_finished", "requests_cancelled", "requests_failed", "decode_steps", "prompt_tokens", "generated_tokens",
+    "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "preemptions",
+})
 
 
 class EngineCollector:

@@ -11,7 +11,6 @@ reads. Another config file overrides those options one by one, as Serve's config
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from raylm.inference.engine import EngineConfig
 API_KEY_ENV = "RAYLM_API_KEY"
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "serve.yaml"
 IMPORT_PATH = "raylm.serving.app:build_app"
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,8 +34,13 @@ class AppArgs:
     model: str  # the model dir (HF Llama format: config.json, model.safetensors, tokenizer files)
     model_name: str = ""  # the id clients ask for as `model`; "" = the model dir's name
     api_key: str = ""  # required as `Authorization: Bearer ...` when set; "" = RAYLM_API_KEY or none
-    max_batch_size: int = EngineConfig.max_batch_size  # sequences decoded together per replica (KV cache slots)
+    max_batch_size: int = EngineConfig.max_batch_size  # sequences running at once per replica (they share its KV cache)
     max_model_len: int = EngineConfig.max_model_len  # longest prompt + output; 0 = the model's context
+    kv_cache_memory: str = EngineConfig.kv_cache_memory  # each replica's KV cache, e.g. 2GiB; "" = kv_cache_fraction of the memory free after the weights load
+    kv_cache_fraction: float = EngineConfig.kv_cache_fraction  # without kv_cache_memory: this share of the free memory (at most max_batch_size full-length sequences' worth)
+    kv_block_size: int = EngineConfig.kv_block_size  # tokens per KV cache block
+    prefix_caching: bool = EngineConfig.prefix_caching  # start a prompt from the cached blocks of an earlier one's equal prefix (a system prompt, a chat history)
+    max_prefill_tokens: int = EngineConfig.max_prefill_tokens  # prompt tokens computed per step; longer prompts are prefilled in chunks while the others decode
     max_body_bytes: int = 1 << 20  # request bodies above this get 413
     stream_interval_s: float = 0.0  # least time between two SSE writes of a stream; > 0 trades smoothness for throughput
     device: str = EngineConfig.device  # cpu | cuda | auto (cuda when the replica has a GPU)
@@ -120,6 +123,11 @@ class LLMServer:
         config = EngineConfig(
             max_batch_size=args.max_batch_size,
             max_model_len=args.max_model_len,
+            max_prefill_tokens=args.max_prefill_tokens,
+            kv_cache_memory=args.kv_cache_memory,
+            kv_cache_fraction=args.kv_cache_fraction,
+            kv_block_size=args.kv_block_size,
+            prefix_caching=args.prefix_caching,
             device=args.device,
             dtype=args.dtype,
             threads=replica_cpu_threads(),
@@ -128,7 +136,8 @@ class LLMServer:
         self.args = args
         self.stop_metrics = threading.Event()
         threading.Thread(target=export_engine_metrics, args=(self.loop.engine, self.stop_metrics), daemon=True).start()
-        log.info("raylm engine ready: %s on %s, %d slots", args.model, self.loop.engine.device, config.max_batch_size)
+        # Printed, not only logged: Ray forwards a replica's stdout to the console of `raylm serve`.
+        print(f"raylm engine ready: {args.model} on {self.loop.engine.device}, {self.loop.engine.kv_cache.describe()}", flush=True)
 
     def __serve_build_asgi_app__(self):
         from raylm.serving.api import ApiSettings, build_api
