@@ -23,6 +23,7 @@ from raylm.core import storage
 from raylm.core.config import from_dict, read_yaml, value_from_text
 from raylm.core.errors import UserError
 from raylm.inference.engine import EngineConfig
+from raylm.inference.kv_budget import parse_size
 
 API_KEY_ENV = "RAYLM_API_KEY"
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "serve.yaml"
@@ -50,6 +51,8 @@ class AppArgs:
     def validate(self) -> None:
         if self.max_body_bytes < 1024:
             raise UserError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.kv_cache_memory:
+            parse_size(self.kv_cache_memory, "args.kv_cache_memory")  # refused here, not in a replica
 
 
 def parse_app_args(args: dict) -> AppArgs:

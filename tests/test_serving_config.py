@@ -117,6 +117,14 @@ def test_a_config_file_overrides_what_it_sets_and_flags_override_the_file(debug_
     assert plan.http == {**default_yaml()["http_options"], "port": 9001}  # the file sets no address: the default file's
 
 
+def test_the_kv_cache_flags_reach_the_app_and_a_bad_size_is_refused_before_anything_starts(debug_model_dir):
+    plan, _ = plan_command(["--model", str(debug_model_dir), "--kv-cache-memory", "2GiB", "--no-prefix-caching", "--max-prefill-tokens", "256"])
+    args = bound_args(plan.app)
+    assert (args.kv_cache_memory, args.prefix_caching, args.max_prefill_tokens) == ("2GiB", False, 256)
+    with pytest.raises(UserError, match="args.kv_cache_memory '2 parsecs': expected a size such as 2GiB"):
+        plan_command(["--model", str(debug_model_dir), "--kv-cache-memory", "2 parsecs"])
+
+
 def test_builder_takes_serve_runs_string_args(debug_model_dir):
     args = parse_app_args({"model": str(debug_model_dir), "max_batch_size": "4", "api_key": "123", "stream_interval_s": "0.5"})
     assert (args.max_batch_size, args.api_key, args.stream_interval_s) == (4, "123", 0.5)

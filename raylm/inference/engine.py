@@ -102,7 +102,7 @@ class EngineStats:
     batch_size_last: int = 0
     batch_size_max: int = 0
     batch_size_sum: int = 0  # over decode steps, for the mean
-    decode_seconds: float = 0.0  # time in decode forwards + sampling
+    decode_seconds: float = 0.0  # time in the steps that decode (their forward, prefill chunks packed in it included, and sampling)
     ttft: deque = field(default_factory=lambda: deque(maxlen=1000))  # recent times to first token (s)
 
 

@@ -116,7 +116,7 @@ class Scheduler:
         could reuse (its full blocks but the last token's): `seq` would find them registered a step
         or more later, instead of computing them again."""
         reusable = (len(seq.prompt_ids) - 1) // self.blocks.block_size * self.blocks.block_size
-        if not self.blocks.prefix_caching or reusable == 0:
+        if not self.blocks.prefix_caching or reusable == 0 or seq.params.prompt_logprobs is not None:
             return False
         return any(s.prompt_key == seq.prompt_key and s.num_computed < reusable for s in self.running)
 
