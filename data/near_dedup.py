@@ -15,9 +15,13 @@ with MurmurHash3's 32-bit finalizer, then each permutation is `a * h + b mod 2^3
 
 On the cluster: the first pass (data/first_pass.py, on the workers that read the documents) gives
 each document one 64-bit key per band (`document_band_keys`); `band_rows` explodes them into
-(band key, order, partition) rows; Ray Data groups those by key bucket across workers, and `mark_later_documents` marks, in each
-bucket, every document that shares a band key with an earlier one. The marks travel to the
-document's own pack partition (data/partition_pack.py), which drops it.
+(band key, order, partition) rows; `bucket_band_rows` tasks cut each block of them by key bucket,
+one task per bucket (`bucket_marks`) gathers its pieces from every block, and
+`mark_later_documents` marks every document that shares a band key with an earlier one. Plain Ray
+tasks, not Ray Data's hash shuffle: the rows are few (9 per document), and the shuffle's actors
+cost seconds to start whatever the data, which neither shrank with more workers nor was small
+against the rest of near-dedup on the embedded corpus. The marks travel to the document's own pack
+partition (data/partition_pack.py), which drops it.
 """
 
 from __future__ import annotations
@@ -167,9 +171,24 @@ def band_rows(batch: pa.Table, buckets: int) -> pa.Table:
     )
 
 
+def bucket_band_rows(block: pa.Table, buckets: int) -> pa.Table | tuple[pa.Table, ...]:
+    """Ray task (num_returns=buckets): survey rows -> their band rows, cut into one table per key bucket."""
+    rows = band_rows(block, buckets)
+    bucket = rows.column("bucket").to_numpy()
+    pieces = tuple(rows.filter(pa.array(bucket == b)) for b in range(buckets))
+    return pieces if buckets > 1 else pieces[0]
+
+
+def bucket_marks(as_rows, *pieces: pa.Table) -> pa.Table:
+    """Ray task: one bucket's band rows from every block -> its marks (mark_later_documents), made
+    rows of the packing's input by `as_rows` (a bucket without marks too: a table without columns
+    would not join the packing's input)."""
+    return as_rows(mark_later_documents(pa.concat_tables(pieces)))
+
+
 def mark_later_documents(group: pa.Table) -> pa.Table:
-    """Ray Data map_groups UDF over one bucket of band rows: the documents that share a band key with a
-    document earlier in corpus order, each once, with their pack partition."""
+    """The band rows of one bucket -> the documents that share a band key with a document earlier in
+    corpus order, each once, with their pack partition."""
     keys = group.column("key").to_numpy()
     orders = group.column("order").to_numpy()
     partitions = group.column("partition").to_numpy()

@@ -25,6 +25,7 @@ sizing partitions (`PrepareConfig.partition_bytes`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -38,7 +39,7 @@ from raylm.core.redact import PLACEHOLDERS
 from raylm.data.cleaning_report import EXAMPLES
 from raylm.data.content_hash import is_val
 from raylm.data.encode import encoded_schema, redaction_column
-from raylm.data.near_dedup import band_rows, mark_later_documents
+from raylm.data.near_dedup import bucket_band_rows, bucket_marks
 from raylm.data.pack import ShardWriter
 
 SPLITS = ("train", "val")
@@ -140,14 +141,16 @@ def offer_redactions(examples: dict[str, list[dict]], order: int, source: str, s
 def near_duplicate_marks(survey, partitions: int, schema: pa.Schema):
     """A Ray Dataset of mark rows (`schema`, `near_duplicate` set): the documents of `survey` (the
     first pass's rows, data/first_pass.py) with an earlier candidate, found by grouping the LSH band
-    keys across workers in `partitions` buckets."""
-    marks = (
-        survey.select_columns(["order", "partition", "bands"])
-        .map_batches(band_rows, batch_format="pyarrow", fn_kwargs={"buckets": partitions})
-        .groupby("bucket", num_partitions=partitions)
-        .map_groups(mark_later_documents, batch_format="pyarrow")
-    )
-    return marks.map_batches(mark_table, batch_format="pyarrow", fn_kwargs={"schema": schema})
+    keys across workers in `partitions` buckets (data/near_dedup.py). The driver passes references."""
+    import ray
+    import ray.data
+
+    cut = ray.remote(bucket_band_rows).options(num_returns=partitions)
+    pieces = [cut.remote(block, partitions) for block in survey.to_arrow_refs()]
+    pieces = [piece if partitions > 1 else [piece] for piece in pieces]
+    as_rows = functools.partial(mark_table, schema=schema)
+    marks = [ray.remote(bucket_marks).remote(as_rows, *[piece[bucket] for piece in pieces]) for bucket in range(partitions)]
+    return ray.data.from_arrow_refs(marks)
 
 
 def pack_schema(id_dtype: str) -> pa.Schema:
@@ -156,8 +159,8 @@ def pack_schema(id_dtype: str) -> pa.Schema:
 
 
 def mark_table(batch: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Ray Data UDF: (order, partition) rows -> rows of the pack input's `schema`: nulls but for the
-    order, the partition and `near_duplicate`."""
+    """(order, partition) rows -> rows of the pack input's `schema`: nulls but for the order, the
+    partition and `near_duplicate`."""
     given = {"order": batch.column("order"), "partition": batch.column("partition"),
              "near_duplicate": pa.array(np.ones(batch.num_rows, dtype=bool))}
     return pa.table({field.name: given.get(field.name, pa.nulls(batch.num_rows, field.type)) for field in schema}, schema=schema)
