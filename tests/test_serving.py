@@ -260,16 +260,17 @@ def test_streams_never_show_half_a_character_in_text_or_logprobs(server, monkeyp
     target = "é€😀 ok ü"
     script = engine.tokenizer.encode(target).ids
     assert any("\ufffd" in engine.tokenizer.decode([t]) for t in script)
-    prefill, decode = engine.runner.prefill, engine.runner.decode
+    run = engine.runner.run
 
-    def forcing(logits: torch.Tensor, seqs) -> torch.Tensor:
+    def forcing_run(chunks, all_rows) -> tuple[torch.Tensor, list[slice]]:
         """Logits whose argmax, for each sequence, is its next scripted token."""
+        logits, given = run(chunks, all_rows)
         forced = torch.zeros_like(logits)
-        forced[..., script[len(seqs[0].output_ids)]] = 1.0
-        return forced
+        for (seq, _), rows in zip(chunks, given):
+            forced[rows, script[len(seq.output_ids)]] = 1.0
+        return forced, given
 
-    monkeypatch.setattr(engine.runner, "prefill", lambda seqs: (forcing(prefill(seqs)[0], seqs), [0] * len(seqs)))
-    monkeypatch.setattr(engine.runner, "decode", lambda seqs: forcing(decode(seqs), seqs))
+    monkeypatch.setattr(engine.runner, "run", forcing_run)
     loop = EngineLoop(engine)
     try:
         http = TestClient(build_api(loop, ApiSettings(model_name=MODEL, api_key=None, max_body_bytes=1 << 20)))
@@ -506,10 +507,10 @@ def test_a_failing_engine_step_ends_its_requests_at_once_and_serve_replaces_the_
 
     class FaultyLLMServer(LLMServer.func_or_class):
         def inject_step_fault(self) -> None:
-            def failing_decode(seqs):
+            def failing_run(chunks, all_rows):
                 raise RuntimeError("injected fault: a decode step failed")
 
-            self.loop.engine.runner.decode = failing_decode
+            self.loop.engine.runner.run = failing_run
 
     deployment = LLMServer.options(
         func_or_class=FaultyLLMServer, num_replicas=1, health_check_period_s=1, health_check_timeout_s=10,
