@@ -5,7 +5,11 @@
 In one run:
 1. decode step time at context 64 and 512 (batch 1, lower-quartile step, best of 3): the engine (KV cache) vs the
    baseline (a full forward over the whole sequence for every token). Target: engine(512) <= 1.5 x
-   engine(64). Then the same at batch 8 (eight sequences decoding together). Target: <= 1.3x.
+   engine(64). Then the same at batch 8 (eight sequences with different prompts decoding
+   together). Target: <= 1.3x. Then batch 8 again with one prompt for all eight, whose cached
+   blocks they share (each then reads its keys from two places).
+   Then the engine's output tokens/s in process: 16 different prompts of 128 tokens, 64 new
+   tokens each, batch 8.
 2. output tokens/s of the baseline generating one request after another.
 3. a bounded load (asyncio + httpx, 127.0.0.1 only, a fixed number of streaming requests) against
    the Serve app at concurrency 1, 8 and 32: output tokens/s and time to first token p50/p99.
@@ -77,11 +81,12 @@ def engine_step_ms(engine: Engine, context: int, steps: int) -> float:
     return quartile(times) * 1000
 
 
-def engine_batch_step_ms(engine: Engine, context: int, steps: int, batch: int) -> float:
-    """Lower-quartile decode step with `batch` sequences of `context` tokens decoding together."""
-    prompt = torch.randint(0, engine.model_config.vocab_size, (context,)).tolist()
+def engine_batch_step_ms(engine: Engine, context: int, steps: int, batch: int, shared: bool = False) -> float:
+    """Lower-quartile decode step with `batch` sequences of `context` tokens decoding together:
+    different prompts, or with `shared` one prompt (whose cached blocks all of them then read)."""
+    prompts = [torch.randint(0, engine.model_config.vocab_size, (context,)).tolist() for _ in range(1 if shared else batch)]
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-    seqs = [engine.submit(prompt, params, lambda out: None) for _ in range(batch)]
+    seqs = [engine.submit(prompts[i % len(prompts)], params, lambda out: None) for i in range(batch)]
     while any(not seq.output_ids for seq in seqs):  # every prompt prefilled: from here on all decode
         engine.step()
     times = []
@@ -103,6 +108,16 @@ def baseline_step_ms(engine: Engine, context: int, steps: int) -> float:
         tokens = torch.cat([tokens, next_token], dim=1)
         times.append(time.perf_counter() - started)
     return quartile(times) * 1000
+
+
+def engine_tokens_per_s(engine: Engine, requests: int, prompt_len: int, max_tokens: int) -> float:
+    """Output tokens/s of the engine running `requests` different prompts to the end, in process
+    (prefills and decodes, as many at once as its batch holds)."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, engine.model_config.vocab_size, (prompt_len,), generator=generator).tolist() for _ in range(requests)]
+    started = time.perf_counter()
+    engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    return requests * max_tokens / (time.perf_counter() - started)
 
 
 def baseline_tokens_per_s(engine: Engine, prompt_ids: list[int], requests: int, max_tokens: int) -> float:
@@ -230,15 +245,21 @@ def main() -> int:
     engine_batch_step_ms(batched, CONTEXTS[0], 4, BATCH)  # warm-up
     batch_runs = [{c: engine_batch_step_ms(batched, c, args.steps, BATCH) for c in CONTEXTS} for _ in range(3)]
     batch_steps = {c: min(r[c] for r in batch_runs) for c in CONTEXTS}
+    shared_runs = [{c: engine_batch_step_ms(batched, c, args.steps, BATCH, shared=True) for c in CONTEXTS} for _ in range(3)]
+    shared_steps = {c: min(r[c] for r in shared_runs) for c in CONTEXTS}
+    engine_tps = max(engine_tokens_per_s(batched, requests=2 * BATCH, prompt_len=128, max_tokens=args.max_tokens) for _ in range(3))
     del batched
     lo, hi = CONTEXTS
     step_ratio = steps[hi]["engine_ms"] / steps[lo]["engine_ms"]
     base_ratio = steps[hi]["baseline_ms"] / steps[lo]["baseline_ms"]
     batch_ratio = batch_steps[hi] / batch_steps[lo]
+    shared_ratio = shared_steps[hi] / shared_steps[lo]
     print("\ndecode step (batch 1)      context 64   context 512   512/64")
     print(f"  engine (KV cache)       {steps[lo]['engine_ms']:9.2f} ms  {steps[hi]['engine_ms']:9.2f} ms   {step_ratio:5.2f}x  (target <= 1.5x)")
     print(f"  baseline (no cache)     {steps[lo]['baseline_ms']:9.2f} ms  {steps[hi]['baseline_ms']:9.2f} ms   {base_ratio:5.2f}x")
     print(f"decode step (batch {BATCH})      {batch_steps[lo]:9.2f} ms  {batch_steps[hi]:9.2f} ms   {batch_ratio:5.2f}x  (target <= 1.3x)")
+    print(f"  one shared prompt       {shared_steps[lo]:9.2f} ms  {shared_steps[hi]:9.2f} ms   {shared_ratio:5.2f}x")
+    print(f"engine in process, {2 * BATCH} requests of 128 + {args.max_tokens} tokens, batch {BATCH}: {engine_tps:.1f} output tokens/s (best of 3)")
     if args.engine_only:
         return 0
     engine = Engine(model_dir, config)
@@ -257,7 +278,9 @@ def main() -> int:
           f"{by_c[max(CONCURRENCY)]['output_tokens_per_s'] / baseline_tps:.2f}x")
     print(f"engine: batch size max {engine_stats['batch_size_max']}, mean {engine_stats['batch_size_mean']:.1f}")
     if args.json:
-        figures = {"device": device, "steps": steps, "batch_steps": batch_steps, "batch_step_ratio": batch_ratio, "baseline_tokens_per_s": baseline_tps, "http": rows, "step_ratio": step_ratio,
+        figures = {"device": device, "steps": steps, "batch_steps": batch_steps, "batch_step_ratio": batch_ratio,
+                   "shared_prompt_batch_steps": shared_steps, "shared_prompt_batch_step_ratio": shared_ratio,
+                   "engine_tokens_per_s": engine_tps, "baseline_tokens_per_s": baseline_tps, "http": rows, "step_ratio": step_ratio,
                    "baseline_step_ratio": base_ratio, "throughput_scale": scale, "engine_stats": engine_stats}
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
