@@ -173,7 +173,7 @@ def near_dup_corpus(texts: list[str], copies: int) -> list:
 def near_dedup_seconds(workers: int, tables: list, buckets: int = 8) -> tuple[float, int, str]:
     """Wall seconds of near-dedup's stages as prepare runs them (the first pass's band keys, the band
     rows grouped by bucket, the marks) over `tables` on a fresh local cluster of `workers` CPUs,
-    input already in its object store; the documents marked; the load."""
+    input already in its object store; the mark rows; the load."""
     import ray
     import ray.data
 
@@ -278,7 +278,7 @@ def main() -> int:
               f"({two.seconds:.1f} s, {two.load}): {two.tokens_per_s / one.tokens_per_s:.2f}x (target >= 1.6x)")
     if "near-dup" in parts:
         (one_s, marks, one_load), (two_s, _, two_load) = scaling
-        print(f"near-dup  {args.near_dup_copies} copies of the corpus ({size:.2f} GB, {marks:,} documents marked): "
+        print(f"near-dup  {args.near_dup_copies} copies of the corpus ({size:.2f} GB, {marks:,} mark rows: a document once per bucket that marks it): "
               f"1 CPU {one_s:.1f} s ({one_load}), 2 CPUs {two_s:.1f} s ({two_load}): {one_s / two_s:.2f}x (target >= 1.6x)")
     return 0
 
