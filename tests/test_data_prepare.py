@@ -234,6 +234,9 @@ def test_local_directory_of_every_file_kind(stdlib_dataset, corpus_dir, tmp_path
     tokenizer = Tokenizer.from_file(f"{tokenizer_dir(tmp_path / 'out')}/tokenizer.json")
     docs = documents_in(split_rows(tmp_path / "out", "train"), 0, tokenizer)
     assert {"jsonl record 1", "json array record 1", "parquet row 0", "A document in a subdirectory, ünïcödé 🤖.\n"} <= set(docs)
+    assert manifest["cleaning"]["exact_dedup"] == {"dropped": 1, "examples": [
+        {"source": str(corpus_dir / "i.txt"), "snippet": "The first plain text document.", "copy_of": str(corpus_dir / "a.txt")}]}
+    assert manifest["cleaning"]["reading"]["invalid_utf8"] == {"dropped": 1, "examples": [{"source": str(corpus_dir / "g.txt")}]}
 
     # An exact copy is also a near duplicate (Jaccard 1): keeping copies takes both switches.
     no_dedup = prepare(tmp_path / "no-dedup", corpus_dir, stdlib_dataset, text_field="body", seq_len=8, dedup=False)
@@ -270,6 +273,15 @@ def test_personal_data_and_secrets_are_gone_from_the_shards(stdlib_dataset, tmp_
     assert all(placeholder in text for placeholder in set(PLANTED.values()))
     assert "PRIVATE KEY" not in text and "MIIEowIBAAKCAQEAx8" not in text
     assert all(clean in text for clean in CLEAN)  # documents with nothing to hide arrive unchanged
+    # The cleaning report shows each kind replaced, around its first replacement, the value masked.
+    report = manifest["cleaning"]["redaction"]
+    assert report["<EMAIL>"] == {"replaced": 1, "documents_changed": 1, "examples": [{
+        "source": f"{source}:1", "before": "Note 0: the value ja****** was found in a log line.",
+        "after": "Note 0: the value <EMAIL> was found in a log line."}]}
+    assert report["<SECRET>"]["documents_changed"] == 6 and len(report["<SECRET>"]["examples"]) == 3  # the key file, dropped, too
+    assert report["mostly_secrets"]["dropped"] == 1 and "PRIVATE" not in json.dumps(report["mostly_secrets"])
+    shown = json.dumps(manifest["cleaning"])
+    assert not [value for value in PLANTED if value in shown] and "MIIEowIBAAKCAQEAx8" not in shown
 
     kept = prepare(tmp_path / "as-is", source, stdlib_dataset, seq_len=8, redact=False)
     assert "redacted" not in kept["documents"] and kept["documents"]["kept"] == len(planted) + len(CLEAN) + 2
