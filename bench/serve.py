@@ -1,6 +1,7 @@
 """Serving benchmark: the engine and the HTTP endpoint against a no-cache, one-at-a-time baseline.
 
-    python bench/serve.py [--model MODEL_DIR] [--requests-per-client 4] [--max-tokens 64] [--json OUT] [--engine-only]
+    python bench/serve.py [--model MODEL_DIR] [--requests-per-client 4] [--max-tokens 64] [--json OUT]
+                          [--engine-only | --http-only] [--peer]
 
 In one run:
 1. decode step time at context 64 and 512 (batch 1, lower-quartile step, best of 3): the engine (KV cache) vs the
@@ -14,6 +15,9 @@ In one run:
 3. a bounded load (asyncio + httpx, 127.0.0.1 only, a fixed number of streaming requests) against
    the Serve app at concurrency 1, 8 and 32: output tokens/s and time to first token p50/p99.
    Target: tokens/s at 32 >= 6 x at 1.
+4. with --peer, the same load against `transformers serve --continuous-batching` on the same model
+   dir (bench/serve_peer.py), at concurrency 1 and 32, side by side with part 3's figures.
+   Target: raylm >= 1.5 x the peer's output tokens/s at 32, and no lower at 1.
 
 Without --model, a random model dir (dim 384, 6 layers, GQA, 1024 context, the test suite's tiny
 tokenizer) is written to a temp dir: the figures are about the engine, not about what it says.
@@ -150,13 +154,13 @@ async def one_request(client, url: str, body: dict) -> tuple[float, int]:
     return ttft if ttft is not None else time.perf_counter() - started, tokens
 
 
-async def load(base_url: str, model: str, concurrency: int, requests_per_client: int, max_tokens: int) -> dict:
+async def load(base_url: str, model: str, concurrency: int, requests_per_client: int, max_tokens: int, ignore_eos: bool = True) -> dict:
     import httpx
 
     body = {
-        "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+        "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0,
         "stream": True, "stream_options": {"include_usage": True},
-    }
+    } | ({"ignore_eos": True} if ignore_eos else {})  # the peer refuses the field (422); its tokens/s counts what it made
     url = f"{base_url}/v1/completions"
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -215,6 +219,44 @@ def serve_and_load(model_dir: Path, args, workdir: Path) -> tuple[list[dict], di
         ray.shutdown()
 
 
+PEER_CONCURRENCY = (1, 32)
+
+
+def peer_load(model_dir: Path, args, workdir: Path) -> list[dict]:
+    """Part 4: the same streaming load against `transformers serve` on the same model dir."""
+    from serve_peer import transformers_serve
+
+    with transformers_serve(model_dir, free_port(), args.peer_threads, workdir / "peer.log") as base_url:
+        return [asyncio.run(load(base_url, str(model_dir), c, args.requests_per_client, args.max_tokens, ignore_eos=False))
+                for c in PEER_CONCURRENCY]
+
+
+def http_parts(model_dir: Path, args, workdir: Path, baseline_tps: float | None) -> tuple[list[dict], dict, list[dict], float]:
+    """Parts 3 and 4, measured and printed: (rows, engine stats, peer rows, tokens/s scale 32 vs 1)."""
+    rows, engine_stats = serve_and_load(model_dir, args, workdir)
+    by_c = {r["concurrency"]: r for r in rows}
+    scale = by_c[max(CONCURRENCY)]["output_tokens_per_s"] / by_c[1]["output_tokens_per_s"]
+    if baseline_tps is not None:
+        print(f"\nbaseline, no cache, one request at a time: {baseline_tps:.1f} output tokens/s")
+    print(f"\nHTTP (Serve, streaming)  requests  output tok/s  TTFT p50    TTFT p99   (load average {os.getloadavg()[0]:.1f})")
+    for r in rows:
+        print(f"  concurrency {r['concurrency']:>3}      {r['requests']:>5}  {r['output_tokens_per_s']:12.1f}  {r['ttft_p50_ms']:7.1f} ms  {r['ttft_p99_ms']:7.1f} ms")
+    vs_baseline = f"; vs the baseline at 1: {by_c[max(CONCURRENCY)]['output_tokens_per_s'] / baseline_tps:.2f}x" if baseline_tps else ""
+    print(f"\ntokens/s at {max(CONCURRENCY)} / at 1: {scale:.2f}x (target >= 6x){vs_baseline}")
+    print(f"engine: batch size max {engine_stats['batch_size_max']}, mean {engine_stats['batch_size_mean']:.1f}", flush=True)
+    peer_rows = peer_load(model_dir, args, workdir) if args.peer else []
+    if peer_rows:
+        print(f"\nvs transformers serve --continuous-batching ({args.peer_threads} threads), same model, prompt and max_tokens, streaming")
+        print("  concurrency   raylm tok/s   peer tok/s   ratio   TTFT p50 raylm / peer   TTFT p99 raylm / peer")
+        for peer in peer_rows:
+            ours = by_c[peer["concurrency"]]
+            target = "(target >= 1.5x)" if peer["concurrency"] > 1 else "(target >= 1.0x)"
+            print(f"  {peer['concurrency']:>11}   {ours['output_tokens_per_s']:11.1f}   {peer['output_tokens_per_s']:10.1f}   "
+                  f"{ours['output_tokens_per_s'] / peer['output_tokens_per_s']:5.2f}x  "
+                  f"{ours['ttft_p50_ms']:7.0f} / {peer['ttft_p50_ms']:7.0f} ms   {ours['ttft_p99_ms']:7.0f} / {peer['ttft_p99_ms']:7.0f} ms   {target}")
+    return rows, engine_stats, peer_rows, scale
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model dir to serve (default: a random bench-sized one)")
@@ -226,10 +268,17 @@ def main() -> int:
     parser.add_argument("--stream-interval-s", type=float, default=0.0, help="the app's stream_interval_s (least time between SSE writes)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--engine-only", action="store_true", help="only the in-process decode steps (part 1), no HTTP load")
+    parser.add_argument("--http-only", action="store_true", help="only the HTTP load (parts 3 and 4)")
+    parser.add_argument("--peer", action="store_true", help="also load `transformers serve` on the same model dir (part 4)")
+    parser.add_argument("--peer-threads", type=int, default=os.cpu_count() or 2, help="torch threads of the peer server")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))
     model_dir = Path(args.model) if args.model else random_model_dir(workdir)
+    if args.http_only:
+        print(f"model: {model_dir}", flush=True)
+        http_parts(model_dir, args, workdir, baseline_tps=None)
+        return 0
     config = EngineConfig(max_batch_size=1, max_model_len=max(CONTEXTS) + args.steps + 8, threads=args.threads)
     engine = Engine(model_dir, config)
     device = f"{engine.device} ({torch.cuda.get_device_name() if engine.device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
@@ -265,23 +314,12 @@ def main() -> int:
     engine = Engine(model_dir, config)
     baseline_tps = baseline_tokens_per_s(engine, prompt_ids, requests=2, max_tokens=args.max_tokens)
     del engine
-    rows, engine_stats = serve_and_load(model_dir, args, workdir)
-
-    by_c = {r["concurrency"]: r for r in rows}
-    scale = by_c[max(CONCURRENCY)]["output_tokens_per_s"] / by_c[1]["output_tokens_per_s"]
-
-    print(f"\nbaseline, no cache, one request at a time: {baseline_tps:.1f} output tokens/s")
-    print("\nHTTP (Serve, streaming)  requests  output tok/s  TTFT p50    TTFT p99")
-    for r in rows:
-        print(f"  concurrency {r['concurrency']:>3}      {r['requests']:>5}  {r['output_tokens_per_s']:12.1f}  {r['ttft_p50_ms']:7.1f} ms  {r['ttft_p99_ms']:7.1f} ms")
-    print(f"\ntokens/s at {max(CONCURRENCY)} / at 1: {scale:.2f}x (target >= 6x); vs the baseline at 1: "
-          f"{by_c[max(CONCURRENCY)]['output_tokens_per_s'] / baseline_tps:.2f}x")
-    print(f"engine: batch size max {engine_stats['batch_size_max']}, mean {engine_stats['batch_size_mean']:.1f}")
+    rows, engine_stats, peer_rows, scale = http_parts(model_dir, args, workdir, baseline_tps)
     if args.json:
         figures = {"device": device, "steps": steps, "batch_steps": batch_steps, "batch_step_ratio": batch_ratio,
                    "shared_prompt_batch_steps": shared_steps, "shared_prompt_batch_step_ratio": shared_ratio,
                    "engine_tokens_per_s": engine_tps, "baseline_tokens_per_s": baseline_tps, "http": rows, "step_ratio": step_ratio,
-                   "baseline_step_ratio": base_ratio, "throughput_scale": scale, "engine_stats": engine_stats}
+                   "baseline_step_ratio": base_ratio, "throughput_scale": scale, "engine_stats": engine_stats, "peer_http": peer_rows}
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
