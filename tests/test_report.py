@@ -89,6 +89,20 @@ def test_cli_writes_the_report(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(run_dir / "report.md")
 
 
+def test_cli_rewrites_the_report_of_a_run_dir_on_object_storage(tmp_path, s3_server, monkeypatch):
+    from tiny_artifacts import upload_dir
+
+    from raylm.core import storage
+
+    monkeypatch.setenv("RAYLM_CACHE_DIR", str(tmp_path / "cache"))
+    home = s3_server("report-runs") + "/run"
+    upload_dir(write_run_dir(tmp_path / "run"), home)
+    assert main([home]) == 0
+    files = storage.files_under(home)
+    assert "report.md" in files and "plots/loss.png" in files
+    assert "# Run report: run (finetune)" in storage.read_text(f"{home}/report.md")
+
+
 def test_figures_go_to_an_active_wandb_run(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

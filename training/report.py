@@ -324,10 +324,19 @@ def write_report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raylm.training.report", description="(Re)write RUN_DIR/report.md and its plots.")
-    parser.add_argument("run_dir", help="a pretrain or finetune run dir (with metrics.jsonl and run.json)")
+    parser.add_argument("run_dir", help="a pretrain or finetune run dir (with metrics.jsonl and run.json): a path, or an s3://, gs:// URI")
     parser.add_argument("--wandb", action="store_true", help="also attach the plots to the run's own W&B run (resumed by id)")
     args = parser.parse_args(argv)
-    path = write_report(args.run_dir)
+    from raylm.training import run_home
+
+    if run_home.is_remote(args.run_dir):  # rewritten in this machine's copy, then sent back
+        home = args.run_dir.rstrip("/")
+        run_home.fetch_run_files(home)
+        run_home.fetch_model(home)
+        path = write_report(run_home.work_dir(home))
+        run_home.send_run_files(home)
+    else:
+        path = write_report(args.run_dir)
     print(path)
     if args.wandb:
         figures = {name: p for name in FIGURES if (p := path.parent / PLOTS_DIR / f"{name}.png").is_file()}

@@ -2,8 +2,8 @@
 
 A run dir (`--out`) is a local path, or an `s3://`, `gs://` or `file://` URI (raylm/core/storage.py).
 Its *home* is what the user named; every process also has a *work dir* on its own machine: the
-home itself when it is a local path, else `~/.cache/raylm/runs/<name>-<hash of the URI>/`
-(`RAYLM_CACHE_DIR` moves the root).
+home itself when it is a local path, else `~/.cache/raylm/runs/<hash of the URI>/<name>/`
+(`RAYLM_CACHE_DIR` moves the root; the copy keeps the run's name, which reports show).
 
 - Checkpoints go straight to the home, each rank its own part with its completion record
   (training/checkpoint_store.py); a resume copies the chosen checkpoint into a temporary local
@@ -45,7 +45,7 @@ def work_dir(home: str | Path) -> Path:
     if not storage.is_uri(home):
         return Path(home).expanduser().resolve()
     digest = hashlib.sha256(str(home).rstrip("/").encode()).hexdigest()[:12]
-    return storage.cache_root().parent / "runs" / f"{storage.name_of(home)}-{digest}"
+    return storage.cache_root().parent / "runs" / digest / storage.name_of(home)
 
 
 def is_remote(home: str | Path) -> bool:
