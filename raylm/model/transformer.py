@@ -171,6 +171,12 @@ class KVCache:
                 keys, values = k[:, start:end], v[:, start:end]
             else:
                 keys, values = k.index_select(1, index), v.index_select(1, index)
+            if rows == 1:  # a decode: each KV head's query heads as rows of one call, no keys repeated for GQA
+                hkv, (_, heads, _, dim) = keys.shape[0], q.shape
+                grouped = q[0, :, row].reshape(hkv, heads // hkv, dim)[None]  # [1, Hkv, H/Hkv, D]
+                attended = F.scaled_dot_product_attention(grouped, keys[None].to(q.dtype), values[None].to(q.dtype))
+                out.append(attended.reshape(1, heads, 1, dim))
+                continue
             mask, causal = None, False
             if rows > 1 and rows == length:  # a prompt from its start
                 causal = True
