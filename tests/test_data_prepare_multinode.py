@@ -5,6 +5,10 @@ The head offers no CPU, so every Ray Data task (read, encode, the hash shuffle, 
 on a worker node; the manifest's `packing.by_partition[].written_by` says which node and process
 wrote each partition's shards. The cluster lives in a subprocess (this file run as a script): one
 process cannot `ray.init` two clusters, and the session's cluster may be up.
+
+Each worker node has 2 CPUs: the hash shuffle's aggregator actors reserve fractions of a CPU, and
+on 1-CPU nodes they could fill one node whole, leaving the packing tasks (1 CPU each) only the
+other (seen once in CI: every partition written by one node).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from two_nodes import print_result, run_as_script, two_node_cluster  # noqa: E40
 
 def run_two_node_prepare(workdir: Path) -> dict:
     """Start a CPU-less head + 2 worker nodes, prepare a stdlib sample in 16+ partitions; who wrote what."""
-    with two_node_cluster(head_cpus=0, worker_cpus=1) as workers:
+    with two_node_cluster(head_cpus=0, worker_cpus=2) as workers:
         from raylm.data.dataset_dir import read_dataset_manifest
         from raylm.data.prepare import main as prepare
 
