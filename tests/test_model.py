@@ -9,6 +9,7 @@ import torch
 from tiny_artifacts import make_tokenizer_dir
 
 from raylm.core.errors import UserError
+from raylm.model import transformer
 from raylm.model.model_dir import load_model_dir, save_model_dir
 from raylm.model.transformer import KVCache, ModelConfig, Transformer, count_params
 
@@ -83,6 +84,48 @@ def test_kv_cache_decode_matches_full_forward_for_sequences_of_different_lengths
         with torch.no_grad():
             full = model(seq[None])[0, 3:]
         assert torch.allclose(torch.stack(decoded[i]), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("solo_bytes", [0, 1 << 30], ids=["each-decode-alone", "decodes-batched"])
+def test_kv_cache_step_packing_a_prompt_chunk_before_two_decodes_matches_full_forwards(solo_bytes, monkeypatch):
+    """The decodes of a step attend in one batched call (or each alone over a view of its keys),
+    wherever they sit in the packed row; a prompt's later chunk beside them attends over its
+    earlier keys and its own, causally."""
+    monkeypatch.setattr(transformer, "SOLO_DECODE_MIN_BYTES", solo_bytes)
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    model = Transformer(cfg).eval()
+    seqs = [torch.randint(0, 50, (n,)) for n in (7, 4, 9)]  # A and B decode; C is a prompt in two chunks
+    blocks = [[5, 1], [2], [7, 0, 3]]
+    slot = lambda i, p: blocks[i][p // 4] * 4 + p % 4  # noqa: E731
+
+    def held(i: int, length: int) -> list[tuple[int, int]]:
+        return [(b * 4, b * 4 + min(4, length - k * 4)) for k, b in enumerate(blocks[i]) if k * 4 < length]
+
+    cache = KVCache(cfg, num_blocks=8, block_size=4)
+    # Step 1: A's first 6 tokens, B's first 3, C's first 5, packed.
+    first = {0: 6, 1: 3, 2: 5}
+    spans, row = [], 0
+    for i, n in first.items():
+        spans.append((row, n, held(i, n)))
+        row += n
+    cache.bind(torch.tensor([slot(i, p) for i, n in first.items() for p in range(n)]), spans)
+    with torch.no_grad():
+        model(torch.cat([seqs[i][:n] for i, n in first.items()])[None], positions=torch.tensor([[p for n in first.values() for p in range(n)]]), cache=cache)
+    # Step 2: C's last 4 tokens first, then A's and B's next token.
+    order = [(2, 5, 4), (0, 6, 1), (1, 3, 1)]  # (sequence, first position, tokens)
+    spans, row = [], 0
+    for i, start, n in order:
+        spans.append((row, n, held(i, start + n)))
+        row += n
+    cache.bind(torch.tensor([slot(i, p) for i, start, n in order for p in range(start, start + n)]), spans)
+    with torch.no_grad():
+        logits = model(torch.cat([seqs[i][start : start + n] for i, start, n in order])[None],
+                       positions=torch.tensor([[p for _, start, n in order for p in range(start, start + n)]]), cache=cache)[0]
+        full = [model(seq[None])[0] for seq in seqs]
+    assert torch.allclose(logits[:4], full[2][5:9], atol=1e-5)
+    assert torch.allclose(logits[4], full[0][6], atol=1e-5)
+    assert torch.allclose(logits[5], full[1][3], atol=1e-5)
 
 
 def test_unsupported_configs_are_refused_by_name(tmp_path):

@@ -126,6 +126,9 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+SOLO_DECODE_MIN_BYTES = 128 * 1024  # on a CPU, a decode whose keys and values (per layer) are one range at least this big attends alone
+
+
 class KVCache:
     """Keys and values of many sequences in fixed-size blocks: `k` and `v` [layers, kv heads,
     slots, head dim], where block b holds slots b*block_size .. (b+1)*block_size - 1.
@@ -133,8 +136,10 @@ class KVCache:
     Each forward computes some new tokens of several sequences packed into one row (a decode's one
     token, a chunk of a prompt): `bind(slots, spans)` says where each new token's keys and values
     go and, per sequence, which rows are its queries and which slot ranges hold its keys so far.
-    A query at position p attends to the keys of positions 0..p of its own sequence. A sequence
-    whose keys lie in one range is read as a view; one spread over several is gathered first.
+    A query at position p attends to the keys of positions 0..p of its own sequence. The decodes of
+    a step attend in one call, their blocks gathered into a padded batch, except (on a CPU) a long
+    one whose keys lie in one range, which attends alone over a view of them (`attends_alone`). A
+    prompt's chunk attends alone, over a view of its keys or, spread over several ranges, a copy.
 
     Usage per forward: `cache.bind(slots, spans)`, then `model(tokens [1, N], positions=positions,
     cache=cache)`.
@@ -145,16 +150,43 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
+        self.bytes_per_key = 2 * cfg.n_kv_heads * cfg.head_dim * self.k.element_size()  # a position's keys and values, all heads
         self.slots: torch.Tensor | None = None
+        self.decode = None
         self.spans: list[tuple[int, int, list[tuple[int, int]]]] = []
 
     def bind(self, slots: torch.Tensor, spans: list[tuple[int, int, list[tuple[int, int]]]]) -> None:
         """slots [N]: each new token's cache slot. spans: per sequence (its first row, its row count,
-        the slot ranges [start, end) that hold its keys in order, the new tokens' included)."""
+        the slot ranges [start, end) that hold its keys in order, the new tokens' included; each
+        range starts at a block's start)."""
         self.slots = slots
-        self.spans = [(row, rows, ranges, sum(end - start for start, end in ranges),
-                       None if len(ranges) == 1 else torch.cat([torch.arange(a, b) for a, b in ranges]).to(slots.device))
-                      for row, rows, ranges in spans]
+        device, size = slots.device, self.block_size
+        batched = [(row, ranges) for row, rows, ranges in spans if rows == 1 and not self.attends_alone(ranges)]
+        if len(batched) < 2:
+            batched = []
+        self.decode = None
+        if batched:  # the decodes attend in one call over their blocks, gathered into a padded batch
+            blocks = [[b for start, end in ranges for b in range(start // size, (end + size - 1) // size)] for _, ranges in batched]
+            most = max(len(ids) for ids in blocks)
+            table = torch.zeros(len(batched), most, dtype=torch.long)  # padding gathers block 0, masked out
+            for i, ids in enumerate(blocks):
+                table[i, : len(ids)] = torch.tensor(ids)
+            lengths = torch.tensor([sum(end - start for start, end in ranges) for _, ranges in batched])
+            valid = torch.arange(most * size)[None, :] < lengths[:, None]  # [B, L]: the keys each one has
+            self.decode = (torch.tensor([row for row, _ in batched], device=device), table.flatten().to(device), valid[:, None, None].to(device))
+        batched_rows = {row for row, _ in batched}
+        self.spans = [(row, rows, ranges, None if len(ranges) == 1 else torch.cat([torch.arange(a, b) for a, b in ranges]).to(device))
+                      for row, rows, ranges in spans if row not in batched_rows]
+
+    def attends_alone(self, ranges: list[tuple[int, int]]) -> bool:
+        """Whether a decode whose keys lie in `ranges` is cheaper in a call of its own, over a view of
+        its keys, than gathered into the batched call. On a CPU, a call costs about what copying
+        100-200 keys does (bench/serve.py's decode steps), so a long sequence whose keys are one
+        range attends alone. On a GPU the copy is cheap next to another kernel launch."""
+        if self.k.device.type != "cpu" or len(ranges) != 1:
+            return False
+        (start, end), = ranges
+        return (end - start) * self.bytes_per_key >= SOLO_DECODE_MIN_BYTES
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [1, Hkv, N, D] at the bound slots."""
@@ -162,29 +194,41 @@ class KVCache:
         self.v[layer][:, self.slots] = v[0].to(self.v.dtype)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """q [1, H, N, D] -> [1, H, N, D]: each sequence's queries over its own keys (GQA inside SDPA)."""
+        """q [1, H, N, D] -> [1, H, N, D]: each sequence's queries over its own keys."""
         k, v = self.k[layer], self.v[layer]  # [Hkv, slots, D]
-        out = []
-        for row, rows, ranges, length, index in self.spans:
+        hkv, (_, heads, _, dim) = k.shape[0], q.shape
+        out = torch.empty_like(q)
+        if self.decode is not None:
+            # Each decode's one query per head, laid out as rows of its KV head: [B, Hkv, H/Hkv, D]
+            # against [B, Hkv, L, D], so GQA needs no repeated keys and one SDPA call serves them all.
+            rows, table, valid = self.decode
+            batch, size = rows.shape[0], self.block_size
+            grouped = q[0, :, rows].transpose(0, 1).reshape(batch, hkv, heads // hkv, dim)
+            # Whole blocks are copied (each a contiguous run of size * dim values per head), not single slots.
+            keys = k.view(hkv, -1, size * dim).index_select(1, table).view(hkv, batch, -1, dim).transpose(0, 1).to(q.dtype)
+            values = v.view(hkv, -1, size * dim).index_select(1, table).view(hkv, batch, -1, dim).transpose(0, 1).to(q.dtype)
+            attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=valid)  # [B, Hkv, H/Hkv, D]
+            out[0, :, rows] = attended.reshape(batch, heads, dim).transpose(0, 1)
+        for row, rows, ranges, index in self.spans:
             if index is None:  # one range: a view, no copy
                 (start, end), = ranges
                 keys, values = k[:, start:end], v[:, start:end]
             else:
                 keys, values = k.index_select(1, index), v.index_select(1, index)
-            if rows == 1:  # a decode: each KV head's query heads as rows of one call, no keys repeated for GQA
-                hkv, (_, heads, _, dim) = keys.shape[0], q.shape
+            length = keys.shape[1]
+            if rows == 1:  # a lone decode: its query heads as rows of their KV head, as above
                 grouped = q[0, :, row].reshape(hkv, heads // hkv, dim)[None]  # [1, Hkv, H/Hkv, D]
                 attended = F.scaled_dot_product_attention(grouped, keys[None].to(q.dtype), values[None].to(q.dtype))
-                out.append(attended.reshape(1, heads, 1, dim))
+                out[:, :, row] = attended.reshape(1, heads, dim)
                 continue
             mask, causal = None, False
-            if rows > 1 and rows == length:  # a prompt from its start
+            if rows == length:  # a prompt from its start
                 causal = True
-            elif rows > 1:  # a chunk after earlier tokens: query i sits at position length - rows + i
+            else:  # a chunk after earlier tokens: query i sits at position length - rows + i
                 mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - rows, length, device=q.device)[:, None]
-            out.append(F.scaled_dot_product_attention(q[:, :, row : row + rows], keys[None].to(q.dtype), values[None].to(q.dtype),
-                                                      attn_mask=mask, is_causal=causal, enable_gqa=True))
-        return torch.cat(out, dim=2)
+            out[:, :, row : row + rows] = F.scaled_dot_product_attention(
+                q[:, :, row : row + rows], keys[None].to(q.dtype), values[None].to(q.dtype), attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return out
 
 
 class Attention(nn.Module):
