@@ -14,7 +14,8 @@ In one run:
 2. output tokens/s of the baseline generating one request after another.
 3. a bounded load (asyncio + httpx, 127.0.0.1 only, a fixed number of streaming requests) against
    the Serve app at concurrency 1, 8 and 32: output tokens/s and time to first token p50/p99.
-   Target: tokens/s at 32 >= 6 x at 1.
+   Target: tokens/s at 32 >= 6 x at 1. The app's defaults apply (its stream write budget
+   included) unless --stream-interval-s / --stream-writes-per-s say otherwise.
 4. with --peer, the same load against `transformers serve --continuous-batching` on the same model
    dir (bench/serve_peer.py), at concurrency 1 and 32, side by side with part 3's figures.
    Target: raylm >= 1.5 x the peer's output tokens/s at 32, and no lower at 1.
@@ -200,6 +201,8 @@ def serve_and_load(model_dir: Path, args, workdir: Path) -> tuple[list[dict], di
     app = config["applications"][0]
     app["args"]["max_batch_size"] = max(CONCURRENCY)
     app["args"]["stream_interval_s"] = args.stream_interval_s
+    if args.stream_writes_per_s is not None:
+        app["args"]["stream_writes_per_s"] = args.stream_writes_per_s
     deployment = app["deployments"][0]
     deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}  # one engine: its batching is what is measured
     deployment["ray_actor_options"]["num_cpus"] = args.replica_cpus  # = the replica's torch threads
@@ -238,7 +241,11 @@ def http_parts(model_dir: Path, args, workdir: Path, baseline_tps: float | None)
     scale = by_c[max(CONCURRENCY)]["output_tokens_per_s"] / by_c[1]["output_tokens_per_s"]
     if baseline_tps is not None:
         print(f"\nbaseline, no cache, one request at a time: {baseline_tps:.1f} output tokens/s")
-    print(f"\nHTTP (Serve, streaming)  requests  output tok/s  TTFT p50    TTFT p99   (load average {os.getloadavg()[0]:.1f})")
+    from raylm.serving.app import AppArgs
+
+    writes = AppArgs.stream_writes_per_s if args.stream_writes_per_s is None else args.stream_writes_per_s
+    print(f"\nstream_interval_s {args.stream_interval_s}, stream_writes_per_s {writes}")
+    print(f"HTTP (Serve, streaming)  requests  output tok/s  TTFT p50    TTFT p99   (load average {os.getloadavg()[0]:.1f})")
     for r in rows:
         print(f"  concurrency {r['concurrency']:>3}      {r['requests']:>5}  {r['output_tokens_per_s']:12.1f}  {r['ttft_p50_ms']:7.1f} ms  {r['ttft_p99_ms']:7.1f} ms")
     vs_baseline = f"; vs the baseline at 1: {by_c[max(CONCURRENCY)]['output_tokens_per_s'] / baseline_tps:.2f}x" if baseline_tps else ""
@@ -266,6 +273,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the in-process part (0 = torch's default)")
     parser.add_argument("--replica-cpus", type=float, default=1, help="num_cpus (= torch threads) of the Serve replica; the rest is left to the proxy and the load generator")
     parser.add_argument("--stream-interval-s", type=float, default=0.0, help="the app's stream_interval_s (least time between SSE writes)")
+    parser.add_argument("--stream-writes-per-s", type=float, default=None, help="the app's stream_writes_per_s (SSE writes a second of all streams together; default: the app's, 0 = a write per step)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--engine-only", action="store_true", help="only the in-process decode steps (part 1), no HTTP load")
     parser.add_argument("--http-only", action="store_true", help="only the HTTP load (parts 3 and 4)")

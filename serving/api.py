@@ -67,6 +67,7 @@ class ApiSettings:
     api_key: str | None  # when set, required as a Bearer token
     max_body_bytes: int  # larger request bodies are refused with 413
     stream_interval_s: float = 0.0  # least time between two SSE writes of one stream (0 = every step)
+    stream_writes_per_s: float = 0.0  # SSE writes a second of all streams together at most (0 = no limit)
 
 
 def check_api_key(request: Request, api_key: str | None) -> None:
@@ -271,7 +272,7 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
             yield "".join(sse(chat_body(rid, name, [chat_choice(c.index, "", None, None, chunk=True, first=True)], None, chunk=True)) for c in choices)
         failed = False
         try:
-            async with aclosing(loop.stream([(c.prompt.ids, c.params) for c in choices], settings.stream_interval_s)) as outputs:
+            async with aclosing(loop.stream([(c.prompt.ids, c.params) for c in choices], settings.stream_interval_s, settings.stream_writes_per_s)) as outputs:
                 async for batch in outputs:
                     events = []
                     for i, out in batch:

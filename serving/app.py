@@ -44,11 +44,15 @@ class AppArgs:
     max_prefill_tokens: int = EngineConfig.max_prefill_tokens  # prompt tokens computed per step; longer prompts are prefilled in chunks while the others decode
     max_body_bytes: int = 1 << 20  # request bodies above this get 413
     stream_interval_s: float = 0.0  # least time between two SSE writes of a stream; > 0 trades smoothness for throughput
+    stream_writes_per_s: float = 500.0  # SSE writes a second of a replica's streams together at most: each stream's writes are spaced by (open streams / this); 0 = a write per step for every stream
     device: str = EngineConfig.device  # cpu | cuda | auto (cuda when the replica has a GPU)
     dtype: str = EngineConfig.dtype  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)
     ingress: bool = False  # HTTP in a deployment of its own (serving/ingress.py): a dead replica's requests are retried once, or get a JSON 503
 
     def validate(self) -> None:
+        for name in ("stream_interval_s", "stream_writes_per_s"):
+            if getattr(self, name) < 0:
+                raise UserError(f"args.{name} must be 0 or more, got {getattr(self, name)}")
         if self.max_body_bytes < 1024:
             raise UserError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.kv_cache_memory:
@@ -150,6 +154,7 @@ class LLMServer:
             api_key=self.args.api_key or os.environ.get(API_KEY_ENV) or None,
             max_body_bytes=self.args.max_body_bytes,
             stream_interval_s=self.args.stream_interval_s,
+            stream_writes_per_s=self.args.stream_writes_per_s,
         )
         return build_api(self.loop, settings)
 

@@ -130,6 +130,33 @@ def test_engine_loop_streams_requests_and_cancels_one_left_early(engine):
     assert engine.counters.requests_cancelled == cancelled_before + 1
 
 
+def test_engine_loop_spaces_the_writes_of_many_streams_by_its_write_budget(engine):
+    """With a budget of writes a second, four open streams each get fewer, larger batches (spaced by
+    streams / budget); without one, each gets a batch per step. Every token arrives either way."""
+    ids = engine.encode_prompt(PROMPTS[2])
+    expected = engine.generate([ids], greedy(24, ignore_eos=True))[0][1]
+    loop = EngineLoop(engine)
+
+    async def four_streams(writes_per_s: float) -> list[list[list[int]]]:
+        async def consume() -> list[list[int]]:
+            return [[t for _, out in batch for t in out.token_ids] async for batch in loop.stream([(ids, greedy(24, ignore_eos=True))], 0.0, writes_per_s)]
+
+        return await asyncio.gather(*(consume() for _ in range(4)))
+
+    try:
+        unpaced = asyncio.run(four_streams(0))
+        started = time.monotonic()
+        paced = asyncio.run(four_streams(40))  # four streams: a batch each 0.1 s at most
+        took = time.monotonic() - started
+    finally:
+        loop.stop()
+    for batches in unpaced + paced:
+        assert [t for batch in batches for t in batch] == expected
+    assert all(len(batches) <= took / 0.1 + 1 and max(map(len, batches)) > 1 for batches in paced)
+    assert min(map(len, unpaced)) > max(map(len, paced))  # unpaced: a step's token at a time, unless the consumer lags
+    assert loop.open_streams == 0
+
+
 def test_engine_loop_fails_every_request_at_once_and_stops_when_a_step_raises(engine, monkeypatch):
     """A fault inside a step (here the model runner's forward, as an out-of-memory error would be)
     ends the running streams and the queued request with an `error` output within a second; the

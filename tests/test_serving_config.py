@@ -138,6 +138,7 @@ def test_builder_takes_serve_runs_string_args(debug_model_dir):
         ({"model": ".", "max_batch_size": "many"}, "config key 'args.max_batch_size': expected int, got 'many'"),
         ({"model": ".", "max_batch": 3}, r"unknown config key 'args.max_batch' \(did you mean 'args.max_batch_size'\?\)"),
         ({"model": ".", "qqq": 3}, r"unknown config key 'args.qqq' \(known keys here: api_key, device"),
+        ({"model": ".", "stream_writes_per_s": "-5"}, r"args.stream_writes_per_s must be 0 or more, got -5.0"),
     ],
 )
 def test_bad_builder_args_are_named(args, words):

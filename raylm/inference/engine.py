@@ -372,6 +372,7 @@ class EngineLoop:
         self.wakeup = threading.Event()
         self.stopping = False
         self.failure: Exception | None = None
+        self.open_streams = 0  # streams being iterated (`stream`), which share its write budget
         # Held while a request is queued and while the loop fails its requests, so every request is
         # either failed by the loop or refused by `stream`, never left waiting for a dead thread.
         self.submit_lock = threading.Lock()
@@ -413,19 +414,24 @@ class EngineLoop:
         self.wakeup.set()
         return seqs
 
-    async def stream(self, requests: list[tuple[list[int], SamplingParams]], min_interval_s: float = 0.0) -> AsyncIterator[list[tuple[int, Output]]]:
+    async def stream(self, requests: list[tuple[list[int], SamplingParams]], min_interval_s: float = 0.0,
+                     writes_per_s: float = 0.0) -> AsyncIterator[list[tuple[int, Output]]]:
         """Yield (request index, output) pairs as they come, several at once when the consumer falls
         behind, until every request has finished.
 
-        With `min_interval_s`, batches after the first are at least that far apart: fewer, larger
-        writes when many streams share a replica (each write is a message through Serve's proxy).
-        Leaving the iteration early (a client that disconnected) cancels the unfinished requests,
-        which frees their cache blocks at the next step.
+        Batches after the first are spaced: by at least `min_interval_s`, and with `writes_per_s` by
+        the open streams' count over it, so that all of this loop's streams together make about that
+        many batches a second at most. Each batch is one write through Serve's proxy, whose cost
+        is per write, not per token: with few streams each still gets every step's tokens; with
+        many, each gets fewer, larger batches, and the CPU the writes would have taken goes to
+        decoding. Leaving the iteration early (a client that disconnected) cancels the unfinished
+        requests, which frees their cache blocks at the next step.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         seqs = self.submit(requests, lambda i, out: loop.call_soon_threadsafe(queue.put_nowait, (i, out)))
         unfinished = len(seqs)
+        self.open_streams += 1
         try:
             while unfinished:
                 batch = [await queue.get()]
@@ -433,9 +439,11 @@ class EngineLoop:
                     batch.append(queue.get_nowait())
                 unfinished -= sum(out.finish_reason is not None for _, out in batch)
                 yield batch
-                if unfinished and min_interval_s > 0:
-                    await asyncio.sleep(min_interval_s)
+                interval = max(min_interval_s, self.open_streams / writes_per_s if writes_per_s > 0 else 0.0)
+                if unfinished and interval > 0:
+                    await asyncio.sleep(interval)
         finally:
+            self.open_streams -= 1
             if any(seq.finish_reason is None for seq in seqs):
                 for seq in seqs:
                     if seq.finish_reason is None:
