@@ -192,9 +192,8 @@ def free_port() -> int:
 def serve_and_load(model_dir: Path, args, workdir: Path) -> tuple[list[dict], dict]:
     import ray
     import yaml
-    from ray import serve
 
-    from raylm.serving.serve import DEFAULT_CONFIG, start_serving
+    from raylm.serving.serve import DEFAULT_CONFIG, start_serving, stop_serving
 
     cpus = os.cpu_count() or 2
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
@@ -218,7 +217,7 @@ def serve_and_load(model_dir: Path, args, workdir: Path) -> tuple[list[dict], di
         engine_stats = httpx.get(f"{base_url}/stats").json()
         return rows, engine_stats
     finally:
-        serve.shutdown()
+        stop_serving(cluster_ends=True)  # serve.shutdown() would print Ray's "graceful_shutdown failed" line
         ray.shutdown()
 
 

@@ -1,6 +1,6 @@
-"""The HTTP API (FastAPI): OpenAI's /v1 routes over an EngineLoop, plus health, stats and metrics.
+"""The HTTP API (FastAPI): OpenAI's /v1 routes over an engine's streams (EngineStreams), plus health, stats and metrics.
 
-    GET  /health                  200 while the engine thread lives (no key needed: for probes)
+    GET  /health                  200 while the engine runs (no key needed: for probes)
     GET  /v1/models               the one served model
     POST /v1/completions          text in, text out; SSE when "stream": true
     POST /v1/chat/completions     messages through the model's chat template; SSE when streaming
@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from raylm.inference.detokenize import TokenTexts
-from raylm.inference.engine import EngineFailed, EngineLoop, InvalidRequest
+from raylm.inference.engine import EngineFailed, EngineStreams, InvalidRequest
 from raylm.inference.sampling import SamplingParams, TokenChoice, choice_seed
 from raylm.inference.sequence import ERROR, Output
 from raylm.serving.protocol import (
@@ -123,11 +123,11 @@ ENGINE_COUNTERS = frozenset({
 class EngineCollector:
     """The engine's stats, read at each scrape, as `raylm_engine_*` metrics."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, loop):
+        self.loop = loop
 
     def collect(self):
-        for name, value in self.engine.stats().items():
+        for name, value in self.loop.stats().items():
             if value is None:  # a percentile before the first request
                 continue
             family = CounterMetricFamily if name in ENGINE_COUNTERS else GaugeMetricFamily
@@ -199,8 +199,8 @@ def generation_route(request: str, response: str) -> dict:
     }
 
 
-def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
-    engine = loop.engine
+def build_api(loop: EngineStreams, settings: ApiSettings) -> FastAPI:
+    engine = loop.frontend  # encodes and checks requests; the engine itself may run in another process
     texts = TokenTexts(engine.tokenizer)
     # FastAPI's own /openapi.json route would bypass the app's dependencies: ours, below, is guarded.
     app = FastAPI(
@@ -208,7 +208,7 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
         dependencies=[Depends(api_key_guard(settings.api_key))],
     )
     registry = CollectorRegistry()
-    registry.register(EngineCollector(engine))
+    registry.register(EngineCollector(loop))
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -315,10 +315,10 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
     async def openapi_json():
         return openapi()
 
-    @app.get("/health", responses={200: json_body("Health", "the engine thread is alive"), 503: json_body("ErrorResponse", "the engine thread has stopped")})
+    @app.get("/health", responses={200: json_body("Health", "the engine runs"), 503: json_body("ErrorResponse", "the engine has stopped")})
     async def health():
         if not loop.alive():
-            raise ApiError(503, "the engine thread has stopped", None, "server_error")
+            raise ApiError(503, "the engine has stopped", None, "server_error")
         return {"status": "ok"}
 
     @app.get("/v1/models", responses={200: json_body("ModelList", "the served model")})
@@ -350,12 +350,20 @@ def build_api(loop: EngineLoop, settings: ApiSettings) -> FastAPI:
             raise ApiError(400, str(err), err.param) from None
         return await respond(req, [prompt], choices_for(req, [prompt], req.max_completion_tokens or req.max_tokens, chat=True), chat=True)
 
-    @app.get("/stats", responses={200: {"description": "the engine's counters", "content": {"application/json": {"schema": STATS_SCHEMA}}}})
-    async def stats():
-        return engine.stats()
+    @app.get("/stats", responses={200: {"description": "the engine's counters", "content": {"application/json": {"schema": STATS_SCHEMA}}},
+                                  503: json_body("ErrorResponse", "the engine has stopped")})
+    def stats():  # a plain def: FastAPI runs it in a thread, as the engine's answer may take a step
+        try:
+            return loop.stats()
+        except EngineFailed as err:
+            raise engine_failed(err) from None
 
-    @app.get("/metrics", response_class=Response, responses={200: {"description": "the engine's counters for Prometheus", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
-    async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    @app.get("/metrics", response_class=Response, responses={200: {"description": "the engine's counters for Prometheus", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+                                                             503: json_body("ErrorResponse", "the engine has stopped")})
+    def metrics():  # a plain def, as /stats
+        try:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        except EngineFailed as err:
+            raise engine_failed(err) from None
 
     return app

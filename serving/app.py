@@ -106,13 +106,19 @@ def replica_cpu_threads() -> int:
     return max(1, int(cpus))
 
 
-def export_engine_metrics(engine, stop: threading.Event, period_s: float = 2.0) -> None:
+def export_engine_metrics(loop, stop: threading.Event, period_s: float = 2.0) -> None:
     """Mirror the engine's counters into Ray's metrics (Prometheus, Grafana), beside Serve's own."""
     from ray.util.metrics import Gauge
 
+    from raylm.inference.engine import EngineFailed
+
     gauges: dict = {}
     while not stop.wait(period_s):
-        for name, value in engine.stats().items():
+        try:
+            stats = loop.stats()
+        except EngineFailed:  # the replica is being replaced; its health check says why
+            return
+        for name, value in stats.items():
             if isinstance(value, (int, float)):
                 if name not in gauges:
                     gauges[name] = Gauge(f"raylm_engine_{name}", description=f"raylm engine: {name.replace('_', ' ')}")
@@ -125,7 +131,7 @@ def export_engine_metrics(engine, stop: threading.Event, period_s: float = 2.0) 
 @serve.ingress()
 class LLMServer:
     def __init__(self, args: AppArgs):
-        from raylm.inference.engine import Engine, EngineLoop
+        from raylm.inference.engine_process import EngineProcess
 
         config = EngineConfig(
             max_batch_size=args.max_batch_size,
@@ -139,12 +145,13 @@ class LLMServer:
             dtype=args.dtype,
             threads=replica_cpu_threads(),
         )
-        self.loop = EngineLoop(Engine(storage.local_dir(args.model), config))  # a model dir on object storage: copied to this node
+        # The engine steps in a child process, so HTTP and decoding do not share one GIL (engine_process.py).
+        self.loop = EngineProcess(storage.local_dir(args.model), config)  # a model dir on object storage: copied to this node
         self.args = args
         self.stop_metrics = threading.Event()
-        threading.Thread(target=export_engine_metrics, args=(self.loop.engine, self.stop_metrics), daemon=True).start()
+        threading.Thread(target=export_engine_metrics, args=(self.loop, self.stop_metrics), daemon=True).start()
         # Printed, not only logged: Ray forwards a replica's stdout to the console of `raylm serve`.
-        print(f"raylm engine ready: {args.model} on {self.loop.engine.device}, {self.loop.engine.kv_cache.describe()}", flush=True)
+        print(f"raylm engine ready: {args.model} on {self.loop.ready['device']}, {self.loop.ready['kv_cache']}", flush=True)
 
     def __serve_build_asgi_app__(self):
         from raylm.serving.api import ApiSettings, build_api
@@ -160,7 +167,7 @@ class LLMServer:
 
     def check_health(self) -> None:
         if not self.loop.alive():
-            raise RuntimeError("the engine thread has stopped")
+            raise RuntimeError(f"the engine has stopped: {self.loop.failure}")
 
     def __del__(self) -> None:
         self.stop_metrics.set()

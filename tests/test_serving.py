@@ -494,12 +494,16 @@ def fresh_replica_answers(url: str) -> bool:
     return response.status_code == 200 and response.json()["requests_failed"] == 0
 
 
-def test_a_failing_engine_step_ends_its_requests_at_once_and_serve_replaces_the_replica(server):
-    """A fault inside a step of a real replica's engine: the stream in flight gets an `error` event and
-    the request in flight a JSON 500 within about a second, the replica then fails its health check,
-    and Serve replaces it. The fault is injected through a deployment handle into a subclass of the
-    real replica class defined here (so it ships by value), because it must happen inside the replica."""
+def test_a_failing_engine_ends_its_requests_at_once_and_serve_replaces_the_replica(server):
+    """The engine process of a real replica dies (killed, as the kernel's OOM killer would): the
+    stream in flight gets an `error` event and the request in flight a JSON 500 within about a
+    second, the replica then fails its health check, and Serve replaces it. The kill goes through a
+    deployment handle into a subclass of the real replica class defined here (so it ships by value),
+    because only the replica knows its engine's pid. A step that raises inside the engine process:
+    tests/test_engine_process.py."""
     import json
+    import os
+    import signal
 
     from ray import serve
 
@@ -507,10 +511,7 @@ def test_a_failing_engine_step_ends_its_requests_at_once_and_serve_replaces_the_
 
     class FaultyLLMServer(LLMServer.func_or_class):
         def inject_step_fault(self) -> None:
-            def failing_run(chunks, all_rows):
-                raise RuntimeError("injected fault: a decode step failed")
-
-            self.loop.engine.runner.run = failing_run
+            os.kill(self.loop.process.pid, signal.SIGKILL)
 
     deployment = LLMServer.options(
         func_or_class=FaultyLLMServer, num_replicas=1, health_check_period_s=1, health_check_timeout_s=10,

@@ -14,9 +14,11 @@
 
 So a request that arrives mid-generation joins at the next step instead of waiting for a batch to
 drain, and one long prompt delays the running decodes by a chunk per step, not by all of it. The
-cache is sized once, from a memory budget (`kv_budget.py`). `Engine` itself is synchronous (the `generate` CLI drives it directly); `EngineLoop` runs it
-in a thread and hands out asyncio streams (the Serve replica). The engine also owns what a request
-needs before it is queued: the tokenizer, the chat template and the request checks.
+cache is sized once, from a memory budget (`kv_budget.py`). `Engine` itself is synchronous (the
+`generate` CLI drives it directly); `EngineStreams` hands out asyncio streams over one that steps
+elsewhere: `EngineLoop` in a thread of this process, `EngineProcess` (engine_process.py, what a Serve
+replica runs) in a process of its own. What a request needs before it is queued (the tokenizer,
+the chat template, the request checks) is `RequestFrontend`, which the engine is too.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from raylm.model.chat import (
     read_tokenizer_config,
     special_token_ids,
 )
+from raylm.model.model_dir import read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -123,43 +126,17 @@ def percentile(values, q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-class Engine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
-        self.config = config or EngineConfig()
-        self.config.validate()
+class RequestFrontend:
+    """What a request needs before it is queued, and no model: the tokenizer, the chat template, the
+    context length and the checks that name a bad field. The engine is one; the Serve replica holds
+    one of its own in front of an engine in another process (engine_process.py)."""
+
+    def __init__(self, model_dir: str | Path, max_model_len: int = 0):
         self.model_dir = Path(model_dir)
-        cfg = self.config
-        self.runner = ModelRunner(self.model_dir, cfg.max_model_len, cfg.device, cfg.dtype, cfg.threads)
-        self.model, self.model_config = self.runner.model, self.runner.model_config
-        self.device, self.max_len = self.runner.device, self.runner.max_len
-        self.kv_cache = plan_kv_cache(
-            self.model_config, self.runner.dtype, cfg.max_batch_size, self.max_len, cfg.kv_block_size, cfg.kv_cache_memory,
-            cfg.kv_cache_fraction, None if cfg.kv_cache_memory else free_memory(self.device),
-        )
-        self.runner.allocate_cache(self.kv_cache)
-        log.info("%s", self.kv_cache.describe())
+        self.model_config = read_model_config(self.model_dir)
+        self.max_len = min(max_model_len or self.model_config.max_seq_len, self.model_config.max_seq_len)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.chat_template = ChatTemplate(read_tokenizer_config(self.model_dir))
-        self.blocks = BlockManager(self.kv_cache.num_blocks, cfg.kv_block_size, cfg.prefix_caching)
-        self.scheduler = Scheduler(cfg.max_batch_size, cfg.max_prefill_tokens, self.blocks)
-        self.output = OutputProcessor(read_stop_token_ids(self.model_dir), self.max_len)
-        self.ids = itertools.count()
-        self.counters = EngineStats()
-
-    # Callers and tests read the free slots and override the model's stop tokens on the engine.
-    @property
-    def free_slots(self) -> int:
-        return self.scheduler.free_slots
-
-    @property
-    def stop_token_ids(self) -> set[int]:
-        return self.output.stop_token_ids
-
-    @stop_token_ids.setter
-    def stop_token_ids(self, ids: set[int]) -> None:
-        self.output.stop_token_ids = ids
-
-    # ---- requests ---------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -199,6 +176,42 @@ class Engine:
                 "max_tokens",
             )
 
+
+class Engine(RequestFrontend):
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.config.validate()
+        cfg = self.config
+        self.runner = ModelRunner(Path(model_dir), cfg.max_model_len, cfg.device, cfg.dtype, cfg.threads)
+        super().__init__(model_dir, cfg.max_model_len)
+        self.model, self.device = self.runner.model, self.runner.device
+        self.kv_cache = plan_kv_cache(
+            self.model_config, self.runner.dtype, cfg.max_batch_size, self.max_len, cfg.kv_block_size, cfg.kv_cache_memory,
+            cfg.kv_cache_fraction, None if cfg.kv_cache_memory else free_memory(self.device),
+        )
+        self.runner.allocate_cache(self.kv_cache)
+        log.info("%s", self.kv_cache.describe())
+        self.blocks = BlockManager(self.kv_cache.num_blocks, cfg.kv_block_size, cfg.prefix_caching)
+        self.scheduler = Scheduler(cfg.max_batch_size, cfg.max_prefill_tokens, self.blocks)
+        self.output = OutputProcessor(read_stop_token_ids(self.model_dir), self.max_len)
+        self.ids = itertools.count()
+        self.counters = EngineStats()
+
+    # Callers and tests read the free slots and override the model's stop tokens on the engine.
+    @property
+    def free_slots(self) -> int:
+        return self.scheduler.free_slots
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        return self.output.stop_token_ids
+
+    @stop_token_ids.setter
+    def stop_token_ids(self, ids: set[int]) -> None:
+        self.output.stop_token_ids = ids
+
+    # ---- requests ---------------------------------------------------------------------------
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[Output], None]) -> Sequence:
         """Queue a request; `on_output` is called (from the stepping thread) after each of its steps."""
         self.check_request(prompt_ids, params)
@@ -228,8 +241,8 @@ class Engine:
         A step that raises (out of memory, a bad kernel, a bug anywhere in it) first ends every
         request the engine holds with an `error` output, so no consumer waits for a step that will
         not come, then raises again: what it left behind (a CUDA context, the KV cache, a half-fed
-        text stream) cannot be trusted, and the caller decides whether to go on (EngineLoop stops,
-        and its replica is replaced).
+        text stream) cannot be trusted, and the caller decides whether to go on (EngineLoop and the
+        engine process stop, and the replica is replaced).
         """
         try:
             self.run_step()
@@ -358,23 +371,87 @@ class EngineFailed(Exception):
     """The engine loop stopped after a failed step; this engine takes no more requests."""
 
 
-class EngineLoop:
-    """Runs an Engine's steps in a background thread; asyncio code streams requests through it.
+class EngineStreams:
+    """asyncio streams of requests over an engine that steps elsewhere: in a thread of this process
+    (`EngineLoop`) or in a process of its own (`EngineProcess`, engine_process.py). Each says how
+    to queue requests (`submit`), cancel them and read the engine's stats; the streams are written
+    once, here. `frontend` encodes and checks requests before they are queued."""
+
+    frontend: RequestFrontend
+    failure: Exception | None = None
+
+    def __init__(self) -> None:
+        self.open_streams = 0  # streams being iterated, which share the write budget
+
+    def submit(self, requests: list[tuple[list[int], SamplingParams]], on_output: Callable[[int, Output], None]) -> list:
+        """Queue the requests together (all or none; EngineFailed once the engine has failed);
+        `on_output(i, output)` hears the i-th's outputs. Returns a handle per request."""
+        raise NotImplementedError
+
+    def cancel(self, handles: list) -> None:
+        """Abandon the requests (safe from any thread); the next step frees their blocks."""
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    async def stream(self, requests: list[tuple[list[int], SamplingParams]], min_interval_s: float = 0.0,
+                     writes_per_s: float = 0.0) -> AsyncIterator[list[tuple[int, Output]]]:
+        """Yield (request index, output) pairs as they come, several at once when the consumer falls
+        behind, until every request has finished.
+
+        Batches after the first are spaced: by at least `min_interval_s`, and with `writes_per_s` by
+        the open streams' count over it, so that all of these streams together make about that
+        many batches a second at most. Each batch is one write through Serve's proxy, whose cost
+        is per write, not per token: with few streams each still gets every step's tokens; with
+        many, each gets fewer, larger batches, and the CPU the writes would have taken goes to
+        decoding. Leaving the iteration early (a client that disconnected) cancels the unfinished
+        requests, which frees their cache blocks at the next step.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        handles = self.submit(requests, lambda i, out: loop.call_soon_threadsafe(queue.put_nowait, (i, out)))
+        running = set(range(len(handles)))
+        self.open_streams += 1
+        try:
+            while running:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                running -= {i for i, out in batch if out.finish_reason is not None}
+                yield batch
+                interval = max(min_interval_s, self.open_streams / writes_per_s if writes_per_s > 0 else 0.0)
+                if running and interval > 0:
+                    await asyncio.sleep(interval)
+        finally:
+            self.open_streams -= 1
+            if running:
+                self.cancel([handles[i] for i in running])
+
+
+class EngineLoop(EngineStreams):
+    """Runs an Engine's steps in a background thread of this process.
 
     torch releases the GIL inside its kernels, so the event loop (HTTP, SSE) keeps running while a
-    step computes. The first exception in the thread ends it: every request is answered with an
-    `error` output, later ones are refused (EngineFailed), and `alive()` turns False, which the
-    Serve replica reports as unhealthy so that Serve replaces it.
+    step computes; but the two share the GIL between kernels, which costs the engine a share of its
+    speed under load (engine_process.py runs it in a process of its own). The first exception in
+    the thread ends it: every request is answered with an `error` output, later ones are refused
+    (EngineFailed), and `alive()` turns False.
     """
 
     def __init__(self, engine: Engine):
-        self.engine = engine
+        super().__init__()
+        self.engine = self.frontend = engine
         self.wakeup = threading.Event()
         self.stopping = False
-        self.failure: Exception | None = None
-        self.open_streams = 0  # streams being iterated (`stream`), which share its write budget
         # Held while a request is queued and while the loop fails its requests, so every request is
-        # either failed by the loop or refused by `stream`, never left waiting for a dead thread.
+        # either failed by the loop or refused by `submit`, never left waiting for a dead thread.
         self.submit_lock = threading.Lock()
         self.thread = threading.Thread(target=self.run, name="raylm-engine", daemon=True)
         self.thread.start()
@@ -396,13 +473,15 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
+    def stats(self) -> dict:
+        return self.engine.stats()
+
     def stop(self) -> None:
         self.stopping = True
         self.wakeup.set()
         self.thread.join(timeout=10)
 
     def submit(self, requests: list[tuple[list[int], SamplingParams]], on_output: Callable[[int, Output], None]) -> list[Sequence]:
-        """Queue the requests together (all or none); `on_output(i, output)` hears the i-th's outputs."""
         with self.submit_lock:
             if self.failure is not None:
                 raise EngineFailed(f"the engine stopped after a failed step ({type(self.failure).__name__}: {self.failure})")
@@ -414,38 +493,8 @@ class EngineLoop:
         self.wakeup.set()
         return seqs
 
-    async def stream(self, requests: list[tuple[list[int], SamplingParams]], min_interval_s: float = 0.0,
-                     writes_per_s: float = 0.0) -> AsyncIterator[list[tuple[int, Output]]]:
-        """Yield (request index, output) pairs as they come, several at once when the consumer falls
-        behind, until every request has finished.
-
-        Batches after the first are spaced: by at least `min_interval_s`, and with `writes_per_s` by
-        the open streams' count over it, so that all of this loop's streams together make about that
-        many batches a second at most. Each batch is one write through Serve's proxy, whose cost
-        is per write, not per token: with few streams each still gets every step's tokens; with
-        many, each gets fewer, larger batches, and the CPU the writes would have taken goes to
-        decoding. Leaving the iteration early (a client that disconnected) cancels the unfinished
-        requests, which frees their cache blocks at the next step.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
-        seqs = self.submit(requests, lambda i, out: loop.call_soon_threadsafe(queue.put_nowait, (i, out)))
-        unfinished = len(seqs)
-        self.open_streams += 1
-        try:
-            while unfinished:
-                batch = [await queue.get()]
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
-                unfinished -= sum(out.finish_reason is not None for _, out in batch)
-                yield batch
-                interval = max(min_interval_s, self.open_streams / writes_per_s if writes_per_s > 0 else 0.0)
-                if unfinished and interval > 0:
-                    await asyncio.sleep(interval)
-        finally:
-            self.open_streams -= 1
-            if any(seq.finish_reason is None for seq in seqs):
-                for seq in seqs:
-                    if seq.finish_reason is None:
-                        self.engine.cancel(seq)
-                self.wakeup.set()
+    def cancel(self, handles: list[Sequence]) -> None:
+        for seq in handles:
+            if seq.finish_reason is None:
+                self.engine.cancel(seq)
+        self.wakeup.set()
