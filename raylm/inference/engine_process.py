@@ -144,7 +144,7 @@ class EngineProcess(EngineStreams):
         self.lock = threading.Lock()  # one sender at a time; and submit vs the reader's failing of everything
         self.listeners: dict[int, Callable[[Output], None]] = {}
         self.ids = itertools.count()
-        self.stats_replies: dict[int, list] = {}
+        self.stats_replies: dict[int, dict] = {}  # stats token -> the child's answer, until its asker takes it
         self.stats_ready = threading.Condition(self.lock)
         self.stopping = False
         try:
@@ -177,8 +177,12 @@ class EngineProcess(EngineStreams):
                 elif kind == "failed":
                     reason = f"the engine stopped after a failed step ({payload})"
                     break
-        except (EOFError, OSError):
-            code = self.process.wait()
+        except (EOFError, OSError):  # its end closed: it has exited, or is about to
+            try:
+                code = self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                code = self.process.wait()
             reason = f"the engine process exited ({f'killed by signal {-code}' if code < 0 else f'code {code}'})"
         with self.lock:
             if self.failure is None:
