@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -137,7 +138,10 @@ class EngineProcess(EngineStreams):
         config.validate()
         self.frontend = RequestFrontend(model_dir, config.max_model_len)
         ours, theirs = socket.socketpair()
-        self.process = subprocess.Popen([sys.executable, "-m", "raylm.inference.engine_process", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        # The child imports what this process can (a Ray runtime_env's modules included), from anywhere.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        self.process = subprocess.Popen([sys.executable, "-m", "raylm.inference.engine_process", str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], env=env)
         theirs.close()
         self.conn = Connection(ours.detach())
         self.conn.send((str(model_dir), config))
