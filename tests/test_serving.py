@@ -494,24 +494,30 @@ def fresh_replica_answers(url: str) -> bool:
     return response.status_code == 200 and response.json()["requests_failed"] == 0
 
 
-def test_a_failing_engine_ends_its_requests_at_once_and_serve_replaces_the_replica(server):
-    """The engine process of a real replica dies (killed, as the kernel's OOM killer would): the
-    stream in flight gets an `error` event and the request in flight a JSON 500 within about a
-    second, the replica then fails its health check, and Serve replaces it. The kill goes through a
-    deployment handle into a subclass of the real replica class defined here (so it ships by value),
-    because only the replica knows its engine's pid. A step that raises inside the engine process:
-    tests/test_engine_process.py."""
+@pytest.mark.parametrize("fault", ["step-raises", "process-killed"])
+def test_a_failing_engine_ends_its_requests_at_once_and_serve_replaces_the_replica(server, fault):
+    """A fault in a real replica's engine process: a step that raises inside it (a token id past the
+    vocabulary, sent past the replica's checks, as an out-of-memory error would), or the process
+    killed (as the kernel's OOM killer would). The stream in flight gets an `error` event and the
+    request in flight a JSON 500 within about a second, the replica then fails its health check,
+    and Serve replaces it. The fault goes through a deployment handle into a subclass of the real
+    replica class defined here (so it ships by value), because it must happen inside the replica."""
     import json
     import os
     import signal
 
     from ray import serve
 
+    from raylm.inference.sampling import SamplingParams
     from raylm.serving.app import LLMServer, parse_app_args
 
     class FaultyLLMServer(LLMServer.func_or_class):
-        def inject_step_fault(self) -> None:
-            os.kill(self.loop.process.pid, signal.SIGKILL)
+        def inject_step_fault(self, fault: str) -> None:
+            if fault == "process-killed":
+                os.kill(self.loop.process.pid, signal.SIGKILL)
+                return
+            with self.loop.lock:  # what EngineProcess.submit sends, without its checks
+                self.loop.send(("submit", [(-1, [self.loop.frontend.model_config.vocab_size + 5], SamplingParams(max_tokens=1))]))
 
     deployment = LLMServer.options(
         func_or_class=FaultyLLMServer, num_replicas=1, health_check_period_s=1, health_check_timeout_s=10,
@@ -528,7 +534,7 @@ def test_a_failing_engine_ends_its_requests_at_once_and_serve_replaces_the_repli
                 events = (line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: "))
                 assert "choices" in json.loads(next(events))
                 wait_until(lambda: stats(url)["requests_running"] == 2, 60, "both requests to be decoding", every_s=0.1)
-                serve.get_app_handle("faulty").inject_step_fault.remote().result()
+                serve.get_app_handle("faulty").inject_step_fault.remote(fault).result()
                 injected = time.monotonic()
                 error = next(json.loads(e) for e in events if "error" in e)
                 stream_took = time.monotonic() - injected
