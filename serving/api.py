@@ -357,6 +357,8 @@ def build_api(loop: EngineStreams, settings: ApiSettings) -> FastAPI:
             return loop.stats()
         except EngineFailed as err:
             raise engine_failed(err) from None
+        except TimeoutError as err:
+            raise ApiError(503, f"{err}; retry shortly", None, "server_error", "engine_busy") from None
 
     @app.get("/metrics", response_class=Response, responses={200: {"description": "the engine's counters for Prometheus", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
                                                              503: json_body("ErrorResponse", "the engine has stopped")})

@@ -118,6 +118,8 @@ def export_engine_metrics(loop, stop: threading.Event, period_s: float = 2.0) ->
             stats = loop.stats()
         except EngineFailed:  # the replica is being replaced; its health check says why
             return
+        except TimeoutError:  # a very long step; the next round asks again
+            continue
         for name, value in stats.items():
             if isinstance(value, (int, float)):
                 if name not in gauges:
@@ -170,8 +172,9 @@ class LLMServer:
             raise RuntimeError(f"the engine has stopped: {self.loop.failure}")
 
     def __del__(self) -> None:
-        self.stop_metrics.set()
-        self.loop.stop()
+        if hasattr(self, "loop"):  # not when the engine did not start
+            self.stop_metrics.set()
+            self.loop.stop()
 
 
 def build_app(args: dict) -> serve.Application:

@@ -86,12 +86,14 @@ def test_kv_cache_decode_matches_full_forward_for_sequences_of_different_lengths
         assert torch.allclose(torch.stack(decoded[i]), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("solo_bytes", [0, 1 << 30], ids=["each-decode-alone", "decodes-batched"])
-def test_kv_cache_step_packing_a_prompt_chunk_before_two_decodes_matches_full_forwards(solo_bytes, monkeypatch):
-    """The decodes of a step attend in one batched call (or each alone over a view of its keys),
-    wherever they sit in the packed row; a prompt's later chunk beside them attends over its
-    earlier keys and its own, causally."""
+@pytest.mark.parametrize("solo_bytes, gather_bytes", [(0, 1 << 30), (1 << 30, 1 << 30), (1 << 30, 2000)],
+                         ids=["each-decode-alone", "decodes-batched", "the-longest-alone-past-the-gather-bound"])
+def test_kv_cache_step_packing_a_prompt_chunk_before_two_decodes_matches_full_forwards(solo_bytes, gather_bytes, monkeypatch):
+    """The decodes of a step attend in one batched call (or each alone over a view of its keys, or
+    the longest alone when the padded gather would pass its bound), wherever they sit in the packed
+    row; a prompt's later chunk beside them attends over its earlier keys and its own, causally."""
     monkeypatch.setattr(transformer, "SOLO_DECODE_MIN_BYTES", solo_bytes)
+    monkeypatch.setattr(transformer, "GATHER_MAX_BYTES", gather_bytes)
     torch.manual_seed(3)
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
     model = Transformer(cfg).eval()

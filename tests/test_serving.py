@@ -517,7 +517,7 @@ def test_a_failing_engine_ends_its_requests_at_once_and_serve_replaces_the_repli
                 os.kill(self.loop.process.pid, signal.SIGKILL)
                 return
             with self.loop.lock:  # what EngineProcess.submit sends, without its checks
-                self.loop.send(("submit", [(-1, [self.loop.frontend.model_config.vocab_size + 5], SamplingParams(max_tokens=1))]))
+                self.loop.post(("submit", [(-1, [self.loop.frontend.model_config.vocab_size + 5], SamplingParams(max_tokens=1))]))
 
     deployment = LLMServer.options(
         func_or_class=FaultyLLMServer, num_replicas=1, health_check_period_s=1, health_check_timeout_s=10,

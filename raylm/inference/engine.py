@@ -418,7 +418,8 @@ class EngineStreams:
         queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         handles = self.submit(requests, lambda i, out: loop.call_soon_threadsafe(queue.put_nowait, (i, out)))
         running = set(range(len(handles)))
-        self.open_streams += 1
+        paced = writes_per_s > 0  # only streams that share the budget count against it
+        self.open_streams += paced
         try:
             while running:
                 batch = [await queue.get()]
@@ -430,7 +431,7 @@ class EngineStreams:
                 if running and interval > 0:
                     await asyncio.sleep(interval)
         finally:
-            self.open_streams -= 1
+            self.open_streams -= paced
             if running:
                 self.cancel([handles[i] for i in running])
 

@@ -127,6 +127,7 @@ class RMSNorm(nn.Module):
 
 
 SOLO_DECODE_MIN_BYTES = 128 * 1024  # on a CPU, a decode whose keys and values (per layer) are one range at least this big attends alone
+GATHER_MAX_BYTES = 256 * 1024 * 1024  # the batched decodes' gathered keys and values (per layer, padded) at most; the longest attend alone past it
 
 
 class KVCache:
@@ -161,7 +162,12 @@ class KVCache:
         range starts at a block's start)."""
         self.slots = slots
         device, size = slots.device, self.block_size
-        batched = [(row, ranges) for row, rows, ranges in spans if rows == 1 and not self.attends_alone(ranges)]
+        def block_count(decode: tuple[int, list[tuple[int, int]]]) -> int:
+            return sum((end - start + size - 1) // size for start, end in decode[1])
+
+        batched = sorted(((row, ranges) for row, rows, ranges in spans if rows == 1 and not self.attends_alone(ranges)), key=block_count)
+        while batched and len(batched) * block_count(batched[-1]) * size * self.bytes_per_key > GATHER_MAX_BYTES:
+            batched.pop()  # each one is padded to the longest: past the bound, the longest attend alone
         if len(batched) < 2:
             batched = []
         self.decode = None
