@@ -182,7 +182,7 @@ def write_shard(rows: list[dict], split: str, out_dir: str, id_dtype: str) -> di
     relative = f"{split}/{split}-{digest}.parquet"
     table = pa.table({"input_ids": list_column(ids, pa.from_numpy_dtype(ids.dtype)), "loss_mask": list_column(mask, pa.bool_()),
                       "segment_ids": list_column(segments, pa.uint16())})
-    _, sha256 = storage.write_parquet(table, storage.join(out_dir, relative), compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    sha256 = storage.write_parquet(table, storage.join(out_dir, relative), compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return {"path": relative, "rows": len(rows), "sha256": sha256}
 
 

@@ -64,7 +64,7 @@ class ShardWriter:
         path = storage.join(self.root, relative)
         if not storage.is_uri(path):  # not parents: a worker must not re-create a dataset dir the driver has removed
             Path(path).parent.mkdir(exist_ok=True)
-        _, sha256 = storage.write_parquet(rows_table(rows), path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        sha256 = storage.write_parquet(rows_table(rows), path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         self.shards.append({"path": relative, "rows": int(rows.shape[0]), "sha256": sha256})
 
     def close(self) -> dict:

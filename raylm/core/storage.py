@@ -317,9 +317,9 @@ def dir_written_whole(out: str | Path):
         raise
 
 
-def write_parquet(table, path: str | Path, **options) -> tuple[int, str]:
+def write_parquet(table, path: str | Path, **options) -> str:
     """Write a Parquet file whole (atomically on a local disk, as one object on a store); returns
-    its (size, sha256), computed from the bytes written rather than read back."""
+    its sha256, computed from the bytes written rather than read back."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -327,7 +327,7 @@ def write_parquet(table, path: str | Path, **options) -> tuple[int, str]:
     pq.write_table(table, sink, **options)
     data = sink.getvalue().to_pybytes()
     write_bytes(path, data)
-    return len(data), hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 @contextmanager
