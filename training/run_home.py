@@ -53,9 +53,15 @@ def is_remote(home: str | Path) -> bool:
 
 
 def run_file_names(home: str | Path) -> list[str]:
-    """The run files (relative paths) present under the home."""
-    listing = storage.files_under(home)
-    return sorted(rel for rel in listing if rel in RUN_FILES or rel.split("/", 1)[0] in RUN_DIRS)
+    """The run files (relative paths) present under the home: its top level listed, and the run
+    dirs among it, not the checkpoints'."""
+    names = []
+    for name, is_dir in storage.list_dir(home):
+        if is_dir and name in RUN_DIRS:
+            names += [f"{name}/{rel}" for rel in storage.files_under(storage.join(home, name))]
+        elif not is_dir and name in RUN_FILES:
+            names.append(name)
+    return sorted(names)
 
 
 def fetch_run_files(home: str | Path) -> Path:

@@ -217,13 +217,12 @@ def upload_dir(source: Path, target: str | Path, last: tuple[str, ...] = ()) -> 
 
 
 def download_dir(source: str | Path, target: Path, only: set[str] | None = None) -> list[str]:
-    """Copy the files under `source` (or the relative paths in `only`) into the local dir `target`;
-    returns the relative paths copied."""
+    """Copy the files under `source` into the local dir `target`, or only the relative paths in
+    `only` (which the caller has seen there: they are not listed again, since listing a run dir
+    on object storage lists every checkpoint); returns the relative paths copied."""
     fs, inner = filesystem(source)
     copied = []
-    for rel in files_under(source):
-        if only is not None and rel not in only:
-            continue
+    for rel in sorted(only) if only is not None else files_under(source):
         destination = target / rel
         destination.parent.mkdir(parents=True, exist_ok=True)
         with storage_errors(source), fs.open_input_stream(f"{inner.rstrip('/')}/{rel}") as stream, open(destination, "wb") as out:
