@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import time
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import AsyncIterator
@@ -92,6 +92,17 @@ def api_key_guard(api_key: str | None):
 
 def engine_failed(err: EngineFailed) -> ApiError:
     return ApiError(503, f"{err}; Ray Serve is replacing this replica, retry shortly", None, "server_error", "engine_failed")
+
+
+@contextmanager
+def engine_answers():
+    """Around a read of the engine's stats: an engine that has stopped, or does not answer, is a 503."""
+    try:
+        yield
+    except EngineFailed as err:
+        raise engine_failed(err) from None
+    except TimeoutError as err:
+        raise ApiError(503, f"{err}; retry shortly", None, "server_error", "engine_busy") from None
 
 
 def generation_failed() -> ApiError:
@@ -353,19 +364,13 @@ def build_api(loop: EngineStreams, settings: ApiSettings) -> FastAPI:
     @app.get("/stats", responses={200: {"description": "the engine's counters", "content": {"application/json": {"schema": STATS_SCHEMA}}},
                                   503: json_body("ErrorResponse", "the engine has stopped")})
     def stats():  # a plain def: FastAPI runs it in a thread, as the engine's answer may take a step
-        try:
+        with engine_answers():
             return loop.stats()
-        except EngineFailed as err:
-            raise engine_failed(err) from None
-        except TimeoutError as err:
-            raise ApiError(503, f"{err}; retry shortly", None, "server_error", "engine_busy") from None
 
     @app.get("/metrics", response_class=Response, responses={200: {"description": "the engine's counters for Prometheus", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
                                                              503: json_body("ErrorResponse", "the engine has stopped")})
     def metrics():  # a plain def, as /stats
-        try:
+        with engine_answers():
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-        except EngineFailed as err:
-            raise engine_failed(err) from None
 
     return app

@@ -18,6 +18,7 @@ from raylm.inference.engine import (
     EngineFailed,
     EngineLoop,
     InvalidRequest,
+    RequestFrontend,
 )
 from raylm.inference.sampling import (
     SamplingParams,
@@ -56,6 +57,11 @@ def test_batched_outputs_equal_solo_outputs(engine):
     together = engine.generate(prompts, greedy(20))
     alone = [engine.generate([p], greedy(20))[0] for p in prompts]
     assert together == alone
+
+
+def test_context_comes_from_the_model_unless_capped(engine, debug_model_dir):
+    assert RequestFrontend(debug_model_dir, max_model_len=64).max_len == 64
+    assert RequestFrontend(debug_model_dir).max_len == engine.model_config.max_seq_len == engine.max_len
 
 
 def test_request_arriving_mid_generation_joins_the_running_batch(engine):

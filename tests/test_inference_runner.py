@@ -18,7 +18,7 @@ BLOCK = 4
 
 @pytest.fixture(scope="module")
 def runner(debug_model_dir):
-    runner = ModelRunner(debug_model_dir, max_model_len=64, device="cpu", dtype="float32")
+    runner = ModelRunner(debug_model_dir, device="cpu", dtype="float32")
     runner.allocate_cache(KVCachePlan(num_blocks=40, block_size=BLOCK, block_bytes=0, source="test"))
     return runner
 
@@ -89,7 +89,3 @@ def test_a_sequence_starting_from_anothers_blocks_computes_as_if_alone(runner):
         [logits] = run(runner, [(second, 1)])
         torch.testing.assert_close(logits[0], full_forward(runner, second.prompt_ids + second.output_ids)[-1], atol=1e-4, rtol=1e-4)
 
-
-def test_context_comes_from_the_model_unless_capped(runner, debug_model_dir):
-    assert runner.max_len == 64
-    assert ModelRunner(debug_model_dir).max_len == runner.model_config.max_seq_len

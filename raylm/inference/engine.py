@@ -132,6 +132,7 @@ class RequestFrontend:
     one of its own in front of an engine in another process (engine_process.py)."""
 
     def __init__(self, model_dir: str | Path, max_model_len: int = 0):
+        """`max_model_len` 0 is the model's max_position_embeddings (it can only be lowered)."""
         self.model_dir = Path(model_dir)
         self.model_config = read_model_config(self.model_dir)
         self.max_len = min(max_model_len or self.model_config.max_seq_len, self.model_config.max_seq_len)
@@ -182,7 +183,7 @@ class Engine(RequestFrontend):
         self.config = config or EngineConfig()
         self.config.validate()
         cfg = self.config
-        self.runner = ModelRunner(Path(model_dir), cfg.max_model_len, cfg.device, cfg.dtype, cfg.threads)
+        self.runner = ModelRunner(Path(model_dir), cfg.device, cfg.dtype, cfg.threads)
         super().__init__(model_dir, cfg.max_model_len)
         self.model, self.device = self.runner.model, self.runner.device
         self.kv_cache = plan_kv_cache(

@@ -10,7 +10,7 @@ template, checks) and starts the engine in a child process, joined by a socket p
     replica (EngineProcess)                      child (`python -m raylm.inference.engine_process`)
       submit  -> ("submit", [(id, prompt ids, params)])   queued into the Engine
       cancel  -> ("cancel", [id])                          marked; freed at the next step
-      stats() -> ("stats", token)                          <- ("stats", token, the engine's stats)
+      stats() -> ("stats", token)                          <- ("stats", (token, the engine's stats))
                  <- ("outputs", [(id, Output)])            once per step, every request's output
                  <- ("failed", message)                    a step raised: all its requests got `error`
 
@@ -18,8 +18,8 @@ The child steps whenever it has work and reads commands between steps, in one th
 when told to stop, when a step fails (after answering every request with an `error` output), or
 when the replica is gone: a thread of the child watches a pipe whose other end only the replica
 holds, so the child exits at once however the replica ended, even in the middle of a step or of
-loading the model (a GPU's memory is then free for the replica that replaces it). The replica's reader thread hands outputs
-to the streams; when the child ends unasked (killed by the kernel's OOM killer, say), every open
+loading the model (a GPU's memory is then free for the replica that replaces it). The replica's
+reader thread hands outputs to the streams; when the child ends unasked (killed by the kernel's OOM killer, say), every open
 request gets an `error` output, later ones are refused (EngineFailed), and `alive()` turns False,
 which the replica reports as unhealthy so that Serve replaces it.
 """

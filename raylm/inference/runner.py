@@ -46,15 +46,14 @@ def slot_ranges(block_table: list[int], block_size: int, length: int) -> list[tu
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, max_model_len: int = 0, device: str = "auto", dtype: str = "auto", threads: int = 0):
-        """`max_model_len` 0 is the model's max_position_embeddings; `threads` 0 is torch's default.
-        The cache comes after the weights (`allocate_cache`), sized from what they leave free."""
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", threads: int = 0):
+        """`threads` 0 is torch's default. The cache comes after the weights (`allocate_cache`),
+        sized from what they leave free."""
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.model, self.model_config = load_model_dir(Path(model_dir), self.device, self.dtype)
-        self.max_len = min(max_model_len or self.model_config.max_seq_len, self.model_config.max_seq_len)
         self.cache: KVCache | None = None
 
     def allocate_cache(self, plan: KVCachePlan) -> None:

@@ -153,8 +153,8 @@ class KVCache:
         self.block_size = block_size
         self.bytes_per_key = 2 * cfg.n_kv_heads * cfg.head_dim * self.k.element_size()  # a position's keys and values, all heads
         self.slots: torch.Tensor | None = None
-        self.decode = None
-        self.spans: list[tuple[int, int, list[tuple[int, int]]]] = []
+        self.decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # batched decodes: rows, block table, key mask
+        self.spans: list[tuple[int, int, list[tuple[int, int]], torch.Tensor | None]] = []  # the rest: row, rows, ranges, gather index
 
     def bind(self, slots: torch.Tensor, spans: list[tuple[int, int, list[tuple[int, int]]]]) -> None:
         """slots [N]: each new token's cache slot. spans: per sequence (its first row, its row count,
@@ -162,6 +162,7 @@ class KVCache:
         range starts at a block's start)."""
         self.slots = slots
         device, size = slots.device, self.block_size
+
         def block_count(decode: tuple[int, list[tuple[int, int]]]) -> int:
             return sum((end - start + size - 1) // size for start, end in decode[1])
 
