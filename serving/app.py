@@ -22,7 +22,7 @@ from ray import serve
 from raylm.core import storage
 from raylm.core.config import from_dict, read_yaml, value_from_text
 from raylm.core.errors import UserError
-from raylm.inference.engine import EngineConfig
+from raylm.inference.engine import DTYPES, EngineConfig
 from raylm.inference.kv_budget import parse_size
 
 API_KEY_ENV = "RAYLM_API_KEY"
@@ -47,6 +47,7 @@ class AppArgs:
     stream_writes_per_s: float = 500.0  # SSE writes a second of a replica's streams together at most: each stream's writes are spaced by (open streams / this); 0 = a write per step for every stream
     device: str = EngineConfig.device  # cpu | cuda | auto (cuda when the replica has a GPU)
     dtype: str = EngineConfig.dtype  # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)
+    kv_cache_dtype: str = EngineConfig.kv_cache_dtype  # the KV cache's float32 | bfloat16 | float16 | auto (= dtype); 16 bits hold twice the tokens and speed long decodes
     ingress: bool = False  # HTTP in a deployment of its own (serving/ingress.py): a dead replica's requests are retried once, or get a JSON 503
 
     def validate(self) -> None:
@@ -57,6 +58,9 @@ class AppArgs:
             raise UserError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.kv_cache_memory:
             parse_size(self.kv_cache_memory, "args.kv_cache_memory")  # refused here, not in a replica
+        for name in ("dtype", "kv_cache_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise UserError(f"args.{name} {getattr(self, name)!r}: expected one of {', '.join(DTYPES)}")
 
 
 def parse_app_args(args: dict) -> AppArgs:
@@ -145,6 +149,7 @@ class LLMServer:
             prefix_caching=args.prefix_caching,
             device=args.device,
             dtype=args.dtype,
+            kv_cache_dtype=args.kv_cache_dtype,
             threads=replica_cpu_threads(),
         )
         # The engine steps in a child process, so HTTP and decoding do not share one GIL (engine_process.py).

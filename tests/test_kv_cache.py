@@ -7,6 +7,7 @@ their prompt's blocks once."""
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from raylm.core.errors import UserError
@@ -51,9 +52,23 @@ def test_the_budget_decides_the_block_count_and_is_printed(debug_model_dir):
     engine = engine_with(debug_model_dir, kv_cache_memory="1MiB")
     assert engine.blocks.num_blocks == (1 << 20) // BLOCK_BYTES == engine.stats()["kv_blocks_total"]
     assert engine.runner.cache.k.numel() * 4 * 2 == engine.blocks.num_blocks * BLOCK_BYTES  # k and v, float32
-    assert engine.kv_cache.describe() == "KV cache: 128 blocks x 16 tokens = 2048 tokens, 1.00 MiB (kv_cache_memory 1MiB)"
+    assert engine.kv_cache.describe() == "KV cache: 128 blocks x 16 tokens = 2048 tokens, 1.00 MiB of float32 (kv_cache_memory 1MiB)"
     from_free = engine_with(debug_model_dir)  # a fraction of the free memory, never more than the batch can use
     assert from_free.blocks.num_blocks == 8 * MAX_LEN // 16
+
+
+def test_a_16_bit_cache_holds_twice_the_tokens_of_the_same_budget_and_decodes_nearly_alike(debug_model_dir, reference):
+    engine = engine_with(debug_model_dir, kv_cache_memory="1MiB", kv_cache_dtype="bfloat16")
+    assert engine.runner.cache.k.dtype == torch.bfloat16 and engine.runner.model.lm_head.weight.dtype == torch.float32
+    assert engine.blocks.num_blocks == 2 * (1 << 20) // BLOCK_BYTES
+    assert engine.kv_cache.describe() == "KV cache: 256 blocks x 16 tokens = 4096 tokens, 1.00 MiB of bfloat16 (kv_cache_memory 1MiB)"
+    prompts = [engine.encode_prompt(p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    rounded, exact = engine.generate(prompts, params), reference.generate(prompts, params)
+    # Keys and values rounded to 8 significant bits move the logits by about 1e-3 here: no greedy choice flips.
+    assert [out[1] for out in rounded] == [out[1] for out in exact]
+    with pytest.raises(UserError, match="kv_cache_dtype 'int4': expected one of auto, float32, bfloat16, float16"):
+        engine_with(debug_model_dir, kv_cache_dtype="int4")
 
 
 def test_a_budget_below_one_full_length_sequence_is_refused_naming_both(debug_model_dir):

@@ -86,16 +86,20 @@ def test_kv_cache_decode_matches_full_forward_for_sequences_of_different_lengths
         assert torch.allclose(torch.stack(decoded[i]), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("solo_bytes, gather_bytes", [(0, 1 << 30), (1 << 30, 1 << 30), (1 << 30, 2000)],
-                         ids=["each-decode-alone", "decodes-batched", "the-longest-alone-past-the-gather-bound"])
-def test_kv_cache_step_packing_a_prompt_chunk_before_two_decodes_matches_full_forwards(solo_bytes, gather_bytes, monkeypatch):
+@pytest.mark.parametrize(
+    "solo_bytes, gather_bytes, dim, cache_dtype",
+    [(0, 1 << 30, 32, torch.float32), (1 << 30, 1 << 30, 32, torch.float32), (1 << 30, 2000, 32, torch.float32),
+     (0, 0, 256, torch.float32), (0, 0, 256, torch.bfloat16)],
+    ids=["each-decode-alone", "decodes-batched", "the-longest-alone-past-the-gather-bound", "decode-kernel", "decode-kernel-bfloat16-cache"])
+def test_kv_cache_step_packing_a_prompt_chunk_before_two_decodes_matches_full_forwards(solo_bytes, gather_bytes, dim, cache_dtype, monkeypatch):
     """The decodes of a step attend in one batched call (or each alone over a view of its keys, or
-    the longest alone when the padded gather would pass its bound), wherever they sit in the packed
-    row; a prompt's later chunk beside them attends over its earlier keys and its own, causally."""
+    the longest alone when the padded gather would pass its bound, or, with 64-dim heads, in the C
+    kernel over their blocks in place), wherever they sit in the packed row; a prompt's later chunk
+    beside them attends over its earlier keys and its own, causally."""
     monkeypatch.setattr(transformer, "SOLO_DECODE_MIN_BYTES", solo_bytes)
     monkeypatch.setattr(transformer, "GATHER_MAX_BYTES", gather_bytes)
     torch.manual_seed(3)
-    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    cfg = ModelConfig(vocab_size=50, dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
     model = Transformer(cfg).eval()
     seqs = [torch.randint(0, 50, (n,)) for n in (7, 4, 9)]  # A and B decode; C is a prompt in two chunks
     blocks = [[5, 1], [2], [7, 0, 3]]
@@ -104,7 +108,8 @@ def test_kv_cache_step_packing_a_prompt_chunk_before_two_decodes_matches_full_fo
     def held(i: int, length: int) -> list[tuple[int, int]]:
         return [(b * 4, b * 4 + min(4, length - k * 4)) for k, b in enumerate(blocks[i]) if k * 4 < length]
 
-    cache = KVCache(cfg, num_blocks=8, block_size=4)
+    cache = KVCache(cfg, num_blocks=8, block_size=4, dtype=cache_dtype)
+    assert (cache.decode_kernel is not None) == (cfg.head_dim == 64)
     # Step 1: A's first 6 tokens, B's first 3, C's first 5, packed.
     first = {0: 6, 1: 3, 2: 5}
     spans, row = [], 0
@@ -125,9 +130,10 @@ def test_kv_cache_step_packing_a_prompt_chunk_before_two_decodes_matches_full_fo
         logits = model(torch.cat([seqs[i][start : start + n] for i, start, n in order])[None],
                        positions=torch.tensor([[p for _, start, n in order for p in range(start, start + n)]]), cache=cache)[0]
         full = [model(seq[None])[0] for seq in seqs]
-    assert torch.allclose(logits[:4], full[2][5:9], atol=1e-5)
-    assert torch.allclose(logits[4], full[0][6], atol=1e-5)
-    assert torch.allclose(logits[5], full[1][3], atol=1e-5)
+    atol = 1e-5 if cache_dtype == torch.float32 else 5e-3  # a bfloat16 cache rounds keys and values to 8 significant bits
+    assert torch.allclose(logits[:4], full[2][5:9], atol=atol)
+    assert torch.allclose(logits[4], full[0][6], atol=atol)
+    assert torch.allclose(logits[5], full[1][3], atol=atol)
 
 
 def test_unsupported_configs_are_refused_by_name(tmp_path):

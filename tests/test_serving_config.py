@@ -118,9 +118,10 @@ def test_a_config_file_overrides_what_it_sets_and_flags_override_the_file(debug_
 
 
 def test_the_kv_cache_flags_reach_the_app_and_a_bad_size_is_refused_before_anything_starts(debug_model_dir):
-    plan, _ = plan_command(["--model", str(debug_model_dir), "--kv-cache-memory", "2GiB", "--no-prefix-caching", "--max-prefill-tokens", "256"])
+    plan, _ = plan_command(["--model", str(debug_model_dir), "--kv-cache-memory", "2GiB", "--no-prefix-caching", "--max-prefill-tokens", "256",
+                            "--kv-cache-dtype", "bfloat16"])
     args = bound_args(plan.app)
-    assert (args.kv_cache_memory, args.prefix_caching, args.max_prefill_tokens) == ("2GiB", False, 256)
+    assert (args.kv_cache_memory, args.prefix_caching, args.max_prefill_tokens, args.kv_cache_dtype) == ("2GiB", False, 256, "bfloat16")
     with pytest.raises(UserError, match="args.kv_cache_memory '2 parsecs': expected a size such as 2GiB"):
         plan_command(["--model", str(debug_model_dir), "--kv-cache-memory", "2 parsecs"])
 
@@ -139,6 +140,7 @@ def test_builder_takes_serve_runs_string_args(debug_model_dir):
         ({"model": ".", "max_batch": 3}, r"unknown config key 'args.max_batch' \(did you mean 'args.max_batch_size'\?\)"),
         ({"model": ".", "qqq": 3}, r"unknown config key 'args.qqq' \(known keys here: api_key, device"),
         ({"model": ".", "stream_writes_per_s": "-5"}, r"args.stream_writes_per_s must be 0 or more, got -5.0"),
+        ({"model": ".", "kv_cache_dtype": "int8"}, r"args.kv_cache_dtype 'int8': expected one of auto, float32, bfloat16, float16"),
     ],
 )
 def test_bad_builder_args_are_named(args, words):

@@ -62,6 +62,7 @@ class KVCachePlan:
     block_size: int  # tokens per block
     block_bytes: int  # keys and values of one block, every layer
     source: str  # where the budget came from, for the start-up line
+    dtype: str = "float32"  # what keys and values are stored as (kv_cache_dtype)
 
     @property
     def tokens(self) -> int:
@@ -73,7 +74,7 @@ class KVCachePlan:
 
     def describe(self) -> str:
         return (f"KV cache: {self.num_blocks} blocks x {self.block_size} tokens = {self.tokens} tokens, "
-                f"{format_size(self.bytes)} ({self.source})")
+                f"{format_size(self.bytes)} of {self.dtype} ({self.source})")
 
 
 def plan_kv_cache(
@@ -108,4 +109,4 @@ def plan_kv_cache(
             f"less than one sequence of max_model_len {max_len} tokens ({format_size(blocks_per_sequence * block_bytes)}); "
             f"{setting}, or lower max_model_len"
         )
-    return KVCachePlan(num_blocks, block_size, block_bytes, source)
+    return KVCachePlan(num_blocks, block_size, block_bytes, source, str(dtype).removeprefix("torch."))

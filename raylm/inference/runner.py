@@ -46,18 +46,19 @@ def slot_ranges(block_table: list[int], block_size: int, length: int) -> list[tu
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", threads: int = 0):
-        """`threads` 0 is torch's default. The cache comes after the weights (`allocate_cache`),
-        sized from what they leave free."""
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", threads: int = 0, kv_dtype: str = "auto"):
+        """`threads` 0 is torch's default; `kv_dtype` "auto" is the weights' dtype. The cache comes
+        after the weights (`allocate_cache`), sized from what they leave free."""
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        self.kv_dtype = self.dtype if kv_dtype == "auto" else pick_dtype(kv_dtype, self.device)
         self.model, self.model_config = load_model_dir(Path(model_dir), self.device, self.dtype)
         self.cache: KVCache | None = None
 
     def allocate_cache(self, plan: KVCachePlan) -> None:
-        self.cache = KVCache(self.model_config, plan.num_blocks, plan.block_size, self.device, self.dtype)
+        self.cache = KVCache(self.model_config, plan.num_blocks, plan.block_size, self.device, self.kv_dtype)
 
     @torch.inference_mode()
     def run(self, chunks: list[tuple[Sequence, int]], all_rows: list[bool]) -> tuple[torch.Tensor, list[slice]]:

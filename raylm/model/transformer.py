@@ -21,7 +21,9 @@ residual stream (o_proj, down_proj) are scaled by 1/sqrt(2 * n_layers) so the re
 does not grow with depth (GPT-2's rule); norm weights start at 1.
 
 Pure PyTorch: no Ray, no DeepSpeed. Activation checkpointing is applied from outside through the
-`activation_checkpoint` hook; the KV cache used for generation is the paged `KVCache` below.
+`activation_checkpoint` hook; the KV cache used for generation is the paged `KVCache` below. On a
+CPU its decode steps attend through a small C kernel (paged_attention.c), built on first use; where
+it cannot be built, SDPA does the same work.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from raylm.model.paged_attention import DecodeBatch, load_decode_kernel
 
 
 @dataclass
@@ -137,10 +141,12 @@ class KVCache:
     Each forward computes some new tokens of several sequences packed into one row (a decode's one
     token, a chunk of a prompt): `bind(slots, spans)` says where each new token's keys and values
     go and, per sequence, which rows are its queries and which slot ranges hold its keys so far.
-    A query at position p attends to the keys of positions 0..p of its own sequence. The decodes of
-    a step attend in one call, their blocks gathered into a padded batch, except (on a CPU) a long
-    one whose keys lie in one range, which attends alone over a view of them (`attends_alone`). A
-    prompt's chunk attends alone, over a view of its keys or, spread over several ranges, a copy.
+    A query at position p attends to the keys of positions 0..p of its own sequence. On a CPU with
+    the decode kernel (paged_attention.py), a step's decodes attend in one call that reads their
+    blocks in place. Otherwise they attend in one SDPA call, their blocks gathered into a padded
+    batch, except (on a CPU) a long one whose keys lie in one range, which attends alone over a view
+    of them (`attends_alone`). A prompt's chunk attends alone, over a view of its keys or, spread
+    over several ranges, a copy.
 
     Usage per forward: `cache.bind(slots, spans)`, then `model(tokens [1, N], positions=positions,
     cache=cache)`.
@@ -152,8 +158,11 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
         self.bytes_per_key = 2 * cfg.n_kv_heads * cfg.head_dim * self.k.element_size()  # a position's keys and values, all heads
+        kernel = load_decode_kernel() if self.k.device.type == "cpu" else None
+        self.decode_kernel = kernel if kernel is not None and kernel.serves(dtype, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads) else None
         self.slots: torch.Tensor | None = None
-        self.decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # batched decodes: rows, block table, key mask
+        self.paged_decode: DecodeBatch | None = None  # the step's decodes, for the kernel
+        self.decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for SDPA: rows, gathered blocks, key mask
         self.spans: list[tuple[int, int, list[tuple[int, int]], torch.Tensor | None]] = []  # the rest: row, rows, ranges, gather index
 
     def bind(self, slots: torch.Tensor, spans: list[tuple[int, int, list[tuple[int, int]]]]) -> None:
@@ -162,6 +171,17 @@ class KVCache:
         range starts at a block's start)."""
         self.slots = slots
         device, size = slots.device, self.block_size
+        self.paged_decode = self.decode = None
+        if self.decode_kernel is not None:  # every decode, in place; the prompts' chunks below
+            decodes = [(row, ranges) for row, rows, ranges in spans if rows == 1]
+            if decodes:
+                self.paged_decode = self.decode_kernel.batch(
+                    [row for row, _ in decodes],
+                    [[b for start, end in ranges for b in range(start // size, (end + size - 1) // size)] for _, ranges in decodes],
+                    [sum(end - start for start, end in ranges) for _, ranges in decodes], self.bytes_per_key)
+            self.spans = [(row, rows, ranges, None if len(ranges) == 1 else torch.cat([torch.arange(a, b) for a, b in ranges]))
+                          for row, rows, ranges in spans if rows > 1]
+            return
 
         def block_count(decode: tuple[int, list[tuple[int, int]]]) -> int:
             return sum((end - start + size - 1) // size for start, end in decode[1])
@@ -171,7 +191,6 @@ class KVCache:
             batched.pop()  # each one is padded to the longest: past the bound, the longest attend alone
         if len(batched) < 2:
             batched = []
-        self.decode = None
         if batched:  # the decodes attend in one call over their blocks, gathered into a padded batch
             blocks = [[b for start, end in ranges for b in range(start // size, (end + size - 1) // size)] for _, ranges in batched]
             most = max(len(ids) for ids in blocks)
@@ -205,6 +224,13 @@ class KVCache:
         k, v = self.k[layer], self.v[layer]  # [Hkv, slots, D]
         hkv, (_, heads, _, dim) = k.shape[0], q.shape
         out = torch.empty_like(q)
+        if self.paged_decode is not None:  # read from q and written into out in place, when they are float32
+            if q.dtype == torch.float32 and q.stride(-1) == 1:
+                self.decode_kernel(q, k, v, out, self.paged_decode, self.block_size)
+            else:
+                attended = torch.empty(q.shape, dtype=torch.float32)
+                self.decode_kernel(q.float().contiguous(), k, v, attended, self.paged_decode, self.block_size)
+                out[0, :, self.paged_decode.rows] = attended[0, :, self.paged_decode.rows].to(q.dtype)
         if self.decode is not None:
             # Each decode's one query per head, laid out as rows of its KV head: [B, Hkv, H/Hkv, D]
             # against [B, Hkv, L, D], so GQA needs no repeated keys and one SDPA call serves them all.

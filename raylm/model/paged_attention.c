@@ -1,0 +1,185 @@
+/* Decode attention over a paged KV cache, for the CPU.
+ *
+ * One query token per sequence attends to that sequence's keys, read in place from the cache
+ * blocks its block table names. Nothing is gathered or padded, and the whole batch is one call.
+ * Built and loaded by paged_attention.py, which says why this exists.
+ *
+ * Layouts (contiguous):
+ *   q, out      float32, each sequence's heads somewhere (strides below), each head's dim contiguous
+ *   k, v        [kv_heads, slots, dim]         one layer of the cache, float32, bfloat16 or float16;
+ *                                              block b holds slots b*block_size .. (b+1)*block_size-1
+ *   table       [batch, table_width] int64     each sequence's blocks, in order
+ *   lengths     [batch] int64                  each sequence's key count (its blocks are full but the last)
+ * Query heads h*group .. h*group+group-1 share KV head h (grouped-query attention). Sums are in float32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { CACHE_FLOAT32 = 0, CACHE_BFLOAT16 = 1, CACHE_FLOAT16 = 2 };
+
+static inline float from_float32(const float *p, int64_t i) { return p[i]; }
+static inline float from_bfloat16(const uint16_t *p, int64_t i) { /* bfloat16 is float32's top half */
+    const uint32_t bits = (uint32_t)p[i] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+static inline float from_float16(const uint16_t *p, int64_t i) {
+    /* Exponent and mantissa moved into float32's places, then rescaled by 2^(127-15): exact for
+     * normal and subnormal values, in plain integer and float operations that vectorise (a
+     * compiler's own half-precision type may convert one value at a time). Infinities and NaNs,
+     * which a cache should not hold, come out as large finite values. */
+    const uint32_t bits = ((uint32_t)(p[i] & 0x7fff)) << 13, sign = ((uint32_t)(p[i] & 0x8000)) << 16;
+    float magnitude;
+    memcpy(&magnitude, &bits, sizeof magnitude);
+    magnitude *= 0x1p112f;
+    uint32_t out;
+    memcpy(&out, &magnitude, sizeof out);
+    out |= sign;
+    float value;
+    memcpy(&value, &out, sizeof value);
+    return value;
+}
+
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 2 /* blocks: far enough ahead that memory's latency is hidden behind the blocks between */
+#endif
+
+/* Ask for a cache block ahead of its use. Each block is a page or less of its own, and a CPU's
+ * prefetcher stops at page edges, so without this every block starts with a wait on memory. */
+static inline void prefetch_block(const void *start, size_t bytes) {
+    for (size_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char *)start + offset, 0, 3);
+}
+
+/* One sequence, one KV head: its `group` query heads over its `length` keys, the cache's elements
+ * of type T read through LOAD. One pass over the blocks with a running softmax (each block's keys
+ * and values are used as soon as they arrive, so they are fetched past the caches that hold the
+ * weights, and fetched once). always_inline so that each specialisation below gets `dim` and
+ * `group` as constants and keeps its sums in registers. */
+#define DEFINE_ATTEND_KV_HEAD(NAME, T, LOAD)                                                                       \
+    static inline __attribute__((always_inline)) void NAME(                                                        \
+        const float *q, int64_t q_head, const T *k, const T *v, const int64_t *blocks, int64_t length, float *out, \
+        int64_t out_head, const int64_t group, const int64_t dim, int64_t block_size, float scale) {               \
+        const size_t block_bytes = (size_t)(block_size * dim) * sizeof(T);                                         \
+        float top[group], total[group], scores[group * block_size], sums[group * dim]; /* sums: out, unscaled */  \
+        for (int64_t g = 0; g < group; g++) {                                                                      \
+            top[g] = -INFINITY;                                                                                    \
+            total[g] = 0.0f;                                                                                       \
+        }                                                                                                          \
+        memset(sums, 0, sizeof sums);                                                                              \
+        for (int64_t first = 0, i = 0; first < length; first += block_size, i++) {                                 \
+            const T *key = k + blocks[i] * block_size * dim, *value = v + blocks[i] * block_size * dim;            \
+            const int64_t n = length - first < block_size ? length - first : block_size;                           \
+            if (first + PREFETCH_AHEAD * block_size < length) {                                                    \
+                prefetch_block(k + blocks[i + PREFETCH_AHEAD] * block_size * dim, block_bytes);                    \
+                prefetch_block(v + blocks[i + PREFETCH_AHEAD] * block_size * dim, block_bytes);                    \
+            }                                                                                                      \
+            /* scores [group, n]: each key read once for all the group's query heads */                            \
+            for (int64_t t = 0; t < n; t++) {                                                                      \
+                const T *kt = key + t * dim;                                                                       \
+                for (int64_t g = 0; g < group; g++) {                                                              \
+                    const float *qg = q + g * q_head;                                                              \
+                    float dot = 0.0f;                                                                              \
+                    _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; d++) dot +=                \
+                        qg[d] * LOAD(kt, d);                                                                       \
+                    scores[g * block_size + t] = dot * scale;                                                      \
+                }                                                                                                  \
+            }                                                                                                      \
+            /* the running softmax: rescale what is summed so far when this block raises the maximum */            \
+            for (int64_t g = 0; g < group; g++) {                                                                  \
+                float *s = scores + g * block_size;                                                                \
+                float most = top[g];                                                                               \
+                for (int64_t t = 0; t < n; t++) most = s[t] > most ? s[t] : most;                                  \
+                const float rescale = expf(top[g] - most);                                                         \
+                float sum = 0.0f;                                                                                  \
+                _Pragma("omp simd reduction(+ : sum)") for (int64_t t = 0; t < n; t++) {                           \
+                    s[t] = expf(s[t] - most);                                                                      \
+                    sum += s[t];                                                                                   \
+                }                                                                                                  \
+                total[g] = total[g] * rescale + sum;                                                               \
+                top[g] = most;                                                                                     \
+                /* sums[g] = sums[g] * rescale + scores @ values: the value rows come from the first level of     \
+                 * cache for each query head, while the running sums stay in registers */                          \
+                float acc[dim];                                                                                    \
+                _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) acc[d] = sums[g * dim + d] * rescale;        \
+                for (int64_t t = 0; t < n; t++) {                                                                  \
+                    const T *vt = value + t * dim;                                                                 \
+                    const float p = s[t];                                                                          \
+                    _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) acc[d] += p * LOAD(vt, d);               \
+                }                                                                                                  \
+                _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) sums[g * dim + d] = acc[d];                  \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int64_t g = 0; g < group; g++) {                                                                      \
+            float *og = out + g * out_head;                                                                        \
+            const float inverse = 1.0f / total[g];                                                                 \
+            _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) og[d] = sums[g * dim + d] * inverse;             \
+        }                                                                                                          \
+    }
+
+DEFINE_ATTEND_KV_HEAD(attend_float32, float, from_float32)
+DEFINE_ATTEND_KV_HEAD(attend_bfloat16, uint16_t, from_bfloat16)
+DEFINE_ATTEND_KV_HEAD(attend_float16, uint16_t, from_float16)
+
+/* The shapes this kernel serves: head dim 64 with up to 4 query heads per KV head, 128 with up to 2.
+ * Past these its per-key dot products cost more than SDPA's matrix products save (bench/
+ * decode_attention.py), and the caller takes its SDPA path instead. */
+#define FOR_EACH_SHAPE(X, TYPE) X(TYPE, 64, 1) X(TYPE, 64, 2) X(TYPE, 64, 3) X(TYPE, 64, 4) X(TYPE, 128, 1) X(TYPE, 128, 2)
+
+#define SPECIALISE(TYPE, DIM, GROUP)                                                                         \
+    static void attend_##TYPE##_##DIM##_##GROUP(const float *q, int64_t q_head, const void *k, const void *v,  \
+                                                const int64_t *blocks, int64_t length, float *out,             \
+                                                int64_t out_head, int64_t block_size, float scale) {           \
+        attend_##TYPE(q, q_head, k, v, blocks, length, out, out_head, GROUP, DIM, block_size, scale);          \
+    }
+FOR_EACH_SHAPE(SPECIALISE, float32)
+FOR_EACH_SHAPE(SPECIALISE, bfloat16)
+FOR_EACH_SHAPE(SPECIALISE, float16)
+
+typedef void (*attend_fn)(const float *, int64_t, const void *, const void *, const int64_t *, int64_t, float *,
+                          int64_t, int64_t, float);
+
+static attend_fn find_attend(int64_t cache_dtype, int64_t dim, int64_t group) {
+#define MATCH(TYPE, DIM, GROUP) \
+    if (dim == DIM && group == GROUP) return attend_##TYPE##_##DIM##_##GROUP;
+    if (cache_dtype == CACHE_FLOAT32) { FOR_EACH_SHAPE(MATCH, float32) }
+    if (cache_dtype == CACHE_BFLOAT16) { FOR_EACH_SHAPE(MATCH, bfloat16) }
+    if (cache_dtype == CACHE_FLOAT16) { FOR_EACH_SHAPE(MATCH, float16) }
+    return NULL;
+}
+
+/* Whether this build serves a cache of this dtype with this head dim and query heads per KV head. */
+int paged_decode_attention_serves(int64_t cache_dtype, int64_t dim, int64_t group) {
+    return find_attend(cache_dtype, dim, group) != NULL;
+}
+
+/* The decodes of rows [first, last) of the table. Queries and outputs are read and written in
+ * place: sequence i's head h is at q + rows[i] * q_row + h * q_head (likewise out), its dim
+ * contiguous. Returns 0, or 1 for a shape or dtype it does not serve. */
+int paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, float *out, int64_t out_row,
+                           int64_t out_head, const int64_t *rows, const void *k, const void *v,
+                           const int64_t *table, const int64_t *lengths, int64_t first, int64_t last,
+                           int64_t heads, int64_t kv_heads, int64_t dim, int64_t slots, int64_t table_width,
+                           int64_t block_size, float scale, int64_t cache_dtype) {
+    const int64_t group = heads / kv_heads;
+    const attend_fn attend = find_attend(cache_dtype, dim, group);
+    if (attend == NULL) return 1;
+    const size_t element = cache_dtype == CACHE_FLOAT32 ? 4 : 2, block_bytes = (size_t)(block_size * dim) * element;
+    for (int64_t i = 0; first < last && i < PREFETCH_AHEAD && i * block_size < lengths[first]; i++) /* the first keys */
+        prefetch_block((const char *)k + (size_t)table[first * table_width + i] * block_bytes, block_bytes);
+    for (int64_t b = first; b < last; b++) {
+        for (int64_t h = 0; h < kv_heads; h++) {
+            /* the next sequence and head's first keys, which the loop in `attend` does not ask for */
+            const int64_t next_b = h + 1 < kv_heads ? b : b + 1, next_h = h + 1 < kv_heads ? h + 1 : 0;
+            for (int64_t i = 0; next_b < last && i < PREFETCH_AHEAD && i * block_size < lengths[next_b]; i++)
+                prefetch_block((const char *)k + (size_t)(next_h * slots * dim) * element +
+                                   (size_t)table[next_b * table_width + i] * block_bytes, block_bytes);
+            const size_t head = (size_t)(h * slots * dim) * element;
+            attend(q + rows[b] * q_row + h * group * q_head, q_head, (const char *)k + head, (const char *)v + head,
+                   table + b * table_width, lengths[b], out + rows[b] * out_row + h * group * out_head, out_head,
+                   block_size, scale);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,174 @@
+"""The CPU decode-attention kernel (paged_attention.c): build, load, call.
+
+The C source is compiled on first use with this machine's C compiler (`$CC`, else `cc`) for this
+CPU (`-march=native`), into `$RAYLM_KERNEL_CACHE` (default `~/.cache/raylm/kernels`). The file is
+named by a hash of the source, the flags, the compiler and the CPU's model and features, so nodes
+that share a home directory but not a CPU each get their own. Building takes well under a second
+and happens once per machine; the result is written under a temporary name and renamed, so
+processes building at once never load half a file.
+
+No compiler, a failed build, or `RAYLM_CPU_DECODE_KERNEL=0`: `load_decode_kernel()` returns None
+(logging why, once per process) and `KVCache` attends with SDPA instead, which gives the same
+result and is slower at long contexts.
+
+Why C and not torch: a decode step's attention is one query per sequence and head against that
+sequence's keys. With SDPA each sequence is a call of its own (tens of microseconds in Python and
+dispatch) or the batch's blocks are copied into one padded tensor first. The kernel reads the
+blocks in place, for the whole batch, in one call that releases the GIL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.c")
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp-simd", "-fPIC"]  # fast-math lets expf and the sums vectorise
+# Split a call across torch's threads only when each part still has this much cache to read (per
+# layer): below it, handing parts to threads costs more than it saves.
+PARALLEL_MIN_BYTES = 1 << 20
+CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C source's CACHE_* codes
+
+
+@dataclass
+class DecodeBatch:
+    """One step's decodes, as the kernel takes them (built once per step, used by every layer)."""
+
+    rows: torch.Tensor  # [B] int64: each decode's row (token) in the step's packed forward
+    table: torch.Tensor  # [B, W] int64: each one's blocks in order, padded
+    lengths: torch.Tensor  # [B] int64: each one's key count, its new token's included
+    parts: list[tuple[int, int]]  # ranges of the B decodes, one per thread that attends
+
+
+class DecodeKernel:
+    """`paged_decode_attention` from the built library: `batch()` once per step, then call it per
+    layer."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self.attend = library.paged_decode_attention
+        self.attend.restype = ctypes.c_int
+        self.attend.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 5
+                                + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64])
+        self.serves_shape = library.paged_decode_attention_serves
+        self.serves_shape.restype = ctypes.c_int
+        self.serves_shape.argtypes = [ctypes.c_int64] * 3
+        self.pool: ThreadPoolExecutor | None = None
+        self.pool_threads = 0
+
+    def serves(self, cache_dtype: torch.dtype, head_dim: int, group: int) -> bool:
+        """Whether the kernel takes a cache of this dtype, and is the faster path for this head dim and
+        query heads per KV head."""
+        return cache_dtype in CACHE_DTYPES and bool(self.serves_shape(CACHE_DTYPES[cache_dtype], head_dim, group))
+
+    @staticmethod
+    def batch(rows: list[int], blocks: list[list[int]], lengths: list[int], bytes_per_key: int) -> DecodeBatch:
+        """The step's decodes: their rows, their blocks and key counts; split into about equal parts
+        (by keys), one per torch thread, fewer when a part would read under PARALLEL_MIN_BYTES."""
+        table = torch.zeros(len(rows), max(len(ids) for ids in blocks), dtype=torch.long)
+        for i, ids in enumerate(blocks):
+            table[i, : len(ids)] = torch.tensor(ids)
+        total = sum(lengths)
+        count = max(1, min(torch.get_num_threads(), len(rows), total * bytes_per_key // PARALLEL_MIN_BYTES))
+        parts, first, seen = [], 0, 0
+        for i, length in enumerate(lengths):  # a part ends before the decode that would take it past its share
+            if i > first and len(parts) < count - 1 and (seen + length) * count > total * (len(parts) + 1):
+                parts.append((first, i))
+                first = i
+            seen += length
+        parts.append((first, len(lengths)))
+        return DecodeBatch(torch.tensor(rows), table, torch.tensor(lengths), parts)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, batch: DecodeBatch,
+                 block_size: int) -> None:
+        """Write the decodes' attention into `out`. q and out [1, H, N, D] float32 (the step's packed
+        rows, any strides but a contiguous D); k and v [Hkv, slots, D], one layer of the cache in a
+        dtype it `serves`, contiguous."""
+        _, heads, _, dim = q.shape
+        kv_heads, slots, _ = k.shape
+
+        def attend_part(first: int, last: int) -> None:
+            failed = self.attend(q.data_ptr(), q.stride(2), q.stride(1), out.data_ptr(), out.stride(2), out.stride(1),
+                                 batch.rows.data_ptr(), k.data_ptr(), v.data_ptr(), batch.table.data_ptr(), batch.lengths.data_ptr(),
+                                 first, last, heads, kv_heads, dim, slots, batch.table.shape[1], block_size, dim ** -0.5,
+                                 CACHE_DTYPES[k.dtype])
+            if failed:
+                raise ValueError(f"decode attention does not serve a {k.dtype} cache with head dim {dim} and {heads // kv_heads} query heads per KV head")
+
+        if len(batch.parts) == 1:
+            attend_part(*batch.parts[0])
+            return
+        if self.pool_threads < len(batch.parts) - 1:
+            self.pool, self.pool_threads = ThreadPoolExecutor(len(batch.parts) - 1, thread_name_prefix="decode-attention"), len(batch.parts) - 1
+        futures = [self.pool.submit(attend_part, *part) for part in batch.parts[1:]]
+        attend_part(*batch.parts[0])  # this thread takes a part too
+        for future in futures:
+            future.result()
+
+
+def cpu_identity() -> str:
+    """What a native build depends on: the architecture, and on Linux the CPU's model and features."""
+    identity = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                identity += "\n" + line
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        identity += "\n" + platform.processor()
+    return identity
+
+
+def build(compiler: str, flags: list[str], target: Path) -> None:
+    """Compile, then link without -ffast-math: linking a shared library with it makes GCC add
+    start-up code that flushes denormals to zero for the whole process, torch included."""
+    with tempfile.TemporaryDirectory() as work:
+        obj, library = Path(work) / "kernel.o", Path(work) / "kernel.so"
+        subprocess.run([compiler, *flags, "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, "-shared", str(obj), "-o", str(library), "-lm"], check=True, capture_output=True, text=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = target.with_name(f".{target.name}.{os.getpid()}")
+        shutil.copyfile(library, staged)
+        os.replace(staged, target)  # atomic: a concurrent loader sees the old file or the whole new one
+
+
+@functools.cache
+def load_decode_kernel() -> DecodeKernel | None:
+    """The built kernel, or None (with one log line saying why) where it cannot be had."""
+    if os.environ.get("RAYLM_CPU_DECODE_KERNEL", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.warning("no C compiler (%s) on PATH: decode attention on the CPU uses SDPA, slower at long contexts. "
+                    "Install gcc or clang, or set CC.", os.environ.get("CC", "cc"))
+        return None
+    cache = Path(os.environ.get("RAYLM_KERNEL_CACHE", Path.home() / ".cache" / "raylm" / "kernels"))
+    errors = []
+    for flags in ([*COMPILE_FLAGS, "-march=native"], COMPILE_FLAGS):  # not every compiler knows -march=native
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, compiler, cpu_identity()]).encode()).hexdigest()[:16]
+        target = cache / f"paged_attention-{key}.so"
+        try:
+            if not target.exists():
+                build(compiler, flags, target)
+            return DecodeKernel(ctypes.CDLL(str(target)))
+        except subprocess.CalledProcessError as error:
+            errors.append(error.stderr.strip().splitlines()[-1] if error.stderr.strip() else f"exit {error.returncode}")
+        except OSError as error:
+            errors.append(str(error))
+    log.warning("could not build the CPU decode-attention kernel with %s (%s): decode attention uses SDPA, slower at "
+                "long contexts", compiler, "; ".join(errors))
+    return None

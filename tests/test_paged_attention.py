@@ -1,0 +1,141 @@
+"""The CPU decode-attention kernel (raylm/model/paged_attention.c), built for real with this
+machine's compiler: it matches SDPA over the same keys for every cache dtype and shape it serves,
+wherever the blocks lie, split across threads or not; the engine with it decodes what transformers
+does; and without a compiler the cache falls back to SDPA and says why."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raylm.inference.engine import Engine, EngineConfig
+from raylm.inference.sampling import SamplingParams
+from raylm.model import paged_attention
+from raylm.model.paged_attention import load_decode_kernel
+from raylm.model.transformer import KVCache, ModelConfig
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    built = load_decode_kernel()
+    assert built is not None, "the decode kernel did not build: is a C compiler (cc) on PATH?"
+    return built
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[list[int]], lengths: list[int], rows: list[int]) -> torch.Tensor:
+    """Each decode's heads over its own keys, gathered slot by slot, through SDPA in float32."""
+    heads, kv_heads = q.shape[1], k.shape[0]
+    out = []
+    for row, ids, length in zip(rows, blocks, lengths):
+        slots = torch.tensor([ids[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
+        grouped = q[0, :, row].reshape(kv_heads, heads // kv_heads, -1)[None]
+        out.append(F.scaled_dot_product_attention(grouped, k[None, :, slots].float(), v[None, :, slots].float()).reshape(heads, -1))
+    return torch.stack(out, dim=1)  # [H, B, D]
+
+
+def decode_case(dtype: torch.dtype, dim: int, group: int, kv_heads: int = 2, seed: int = 0):
+    """Five decodes of 1 to 100 keys over scattered blocks, at rows 1, 3, 4, 6, 7 of a packed step
+    of 9 tokens whose queries are laid out as the model makes them (a transposed view)."""
+    torch.manual_seed(seed)
+    lengths = [1, 15, 16, 17, 100]
+    counts = [(n + BLOCK - 1) // BLOCK for n in lengths]
+    order = torch.randperm(sum(counts) + 3).tolist()
+    blocks = [order[sum(counts[:i]) : sum(counts[: i + 1])] for i in range(len(lengths))]
+    slots = (sum(counts) + 3) * BLOCK
+    k, v = (torch.randn(kv_heads, slots, dim).to(dtype) for _ in range(2))
+    q = torch.randn(1, 9, kv_heads * group, dim).transpose(1, 2)  # [1, H, N, D], not contiguous
+    return q, k, v, blocks, lengths, [1, 3, 4, 6, 7]
+
+
+SHAPES = [(64, 1), (64, 3), (64, 4), (128, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dim, group", SHAPES, ids=[f"dim{d}-group{g}" for d, g in SHAPES])
+def test_the_kernel_matches_sdpa_over_scattered_blocks(kernel, dtype, dim, group):
+    q, k, v, blocks, lengths, rows = decode_case(dtype, dim, group)
+    assert kernel.serves(dtype, dim, group)
+    out = torch.full_like(q, 7.0)
+    kernel(q, k, v, out, kernel.batch(rows, blocks, lengths, bytes_per_key=1), BLOCK)
+    assert torch.allclose(out[0][:, rows], reference(q, k, v, blocks, lengths, rows), atol=2e-5, rtol=1e-4)
+    others = [r for r in range(q.shape[2]) if r not in rows]
+    assert (out[0][:, others] == 7.0).all()  # rows that are not decodes are not written
+
+
+def test_split_across_threads_the_kernel_gives_the_same_result(kernel, monkeypatch):
+    q, k, v, blocks, lengths, rows = decode_case(torch.float32, 64, 3, seed=1)
+    alone = torch.empty_like(q)
+    kernel(q, k, v, alone, kernel.batch(rows, blocks, lengths, bytes_per_key=1), BLOCK)
+    monkeypatch.setattr(paged_attention, "PARALLEL_MIN_BYTES", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        batch = kernel.batch(rows, blocks, lengths, bytes_per_key=1)
+        split = torch.empty_like(q)
+        kernel(q, k, v, split, batch, BLOCK)
+    finally:
+        torch.set_num_threads(threads)
+    assert batch.parts == [(0, 4), (4, 5)]  # 49 keys, then 100: a decode is never split, so two parts, not three
+    assert torch.equal(split[0][:, rows], alone[0][:, rows])
+
+
+def test_shapes_and_dtypes_it_does_not_serve_are_left_to_sdpa(kernel):
+    assert not kernel.serves(torch.float32, 96, 1)  # another head dim
+    assert not kernel.serves(torch.float32, 64, 8)  # many query heads per KV head: SDPA's matmuls win
+    assert not kernel.serves(torch.int8, 64, 1)
+    cfg = ModelConfig(vocab_size=50, dim=96 * 2, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    assert KVCache(cfg, num_blocks=4, block_size=BLOCK).decode_kernel is None
+    cfg = ModelConfig(vocab_size=50, dim=64 * 2, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=64)
+    assert KVCache(cfg, num_blocks=4, block_size=BLOCK, dtype=torch.bfloat16).decode_kernel is kernel
+
+
+def test_the_engine_with_the_kernel_decodes_what_transformers_does(tmp_path, tokenizer_dir, kernel):
+    """A model whose heads the kernel serves (dim 64, two query heads per KV head): four prompts of
+    different lengths decode together, every step's attention through the kernel."""
+    transformers = pytest.importorskip("transformers")
+    from tiny_artifacts import make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "head64", tokenizer_dir, dim=128, n_heads=2, n_kv_heads=1, n_layers=2)
+    engine = Engine(model_dir, EngineConfig(max_batch_size=4, max_model_len=128, threads=1))
+    assert engine.runner.cache.decode_kernel is kernel
+    hf = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [engine.encode_prompt(p) for p in ["def add(a, b):", "import os", "The json module encodes text", "x"]]
+    ours = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    for ids, (_, out_ids, _) in zip(prompts, ours):
+        with torch.no_grad():
+            theirs = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
+        assert out_ids == theirs
+
+
+def test_without_a_compiler_the_cache_attends_with_sdpa_and_says_why_once(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    load_decode_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="raylm.model.paged_attention"):
+            cfg = ModelConfig(vocab_size=50, dim=128, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=64)
+            caches = [KVCache(cfg, num_blocks=4, block_size=BLOCK) for _ in range(2)]
+        assert all(cache.decode_kernel is None for cache in caches)
+        [record] = caplog.records
+        assert "no C compiler" in record.getMessage() and "no-such-cc" in record.getMessage() and "SDPA" in record.getMessage()
+    finally:
+        load_decode_kernel.cache_clear()
+
+
+def test_a_build_lands_whole_under_a_name_for_this_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAYLM_KERNEL_CACHE", str(tmp_path / "kernels"))
+    load_decode_kernel.cache_clear()
+    try:
+        assert load_decode_kernel() is not None
+        [built] = (tmp_path / "kernels").iterdir()  # no staged copy left beside it
+        assert built.name.startswith("paged_attention-") and built.suffix == ".so"
+        first = built.stat().st_mtime_ns
+        load_decode_kernel.cache_clear()
+        assert load_decode_kernel() is not None
+        assert list((tmp_path / "kernels").iterdir()) == [built] and built.stat().st_mtime_ns == first  # loaded, not built again
+    finally:
+        load_decode_kernel.cache_clear()
