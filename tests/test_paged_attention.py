@@ -59,7 +59,7 @@ SHAPES = [(64, 1), (64, 3), (64, 4), (128, 2)]
 @pytest.mark.parametrize("dim, group", SHAPES, ids=[f"dim{d}-group{g}" for d, g in SHAPES])
 def test_the_kernel_matches_sdpa_over_scattered_blocks(kernel, dtype, dim, group):
     q, k, v, blocks, lengths, rows = decode_case(dtype, dim, group)
-    assert kernel.serves(dtype, dim, group)
+    assert kernel.serves(dtype, dim, group, BLOCK)
     out = torch.full_like(q, 7.0)
     kernel(q, k, v, out, kernel.batch(rows, blocks, lengths, bytes_per_key=1), BLOCK)
     assert torch.allclose(out[0][:, rows], reference(q, k, v, blocks, lengths, rows), atol=2e-5, rtol=1e-4)
@@ -85,9 +85,10 @@ def test_split_across_threads_the_kernel_gives_the_same_result(kernel, monkeypat
 
 
 def test_shapes_and_dtypes_it_does_not_serve_are_left_to_sdpa(kernel):
-    assert not kernel.serves(torch.float32, 96, 1)  # another head dim
-    assert not kernel.serves(torch.float32, 64, 8)  # many query heads per KV head: SDPA's matmuls win
-    assert not kernel.serves(torch.int8, 64, 1)
+    assert not kernel.serves(torch.float32, 96, 1, BLOCK)  # another head dim
+    assert not kernel.serves(torch.float32, 64, 8, BLOCK)  # many query heads per KV head: SDPA's matmuls win
+    assert not kernel.serves(torch.int8, 64, 1, BLOCK)
+    assert not kernel.serves(torch.float32, 64, 1, 4096)  # a block's scores would not fit the C stack's share
     cfg = ModelConfig(vocab_size=50, dim=96 * 2, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
     assert KVCache(cfg, num_blocks=4, block_size=BLOCK).decode_kernel is None
     cfg = ModelConfig(vocab_size=50, dim=64 * 2, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=64)

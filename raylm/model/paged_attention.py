@@ -12,9 +12,13 @@ No compiler, a failed build, or `RAYLM_CPU_DECODE_KERNEL=0`: `load_decode_kernel
 result and is slower at long contexts.
 
 Why C and not torch: a decode step's attention is one query per sequence and head against that
-sequence's keys. With SDPA each sequence is a call of its own (tens of microseconds in Python and
-dispatch) or the batch's blocks are copied into one padded tensor first. The kernel reads the
-blocks in place, for the whole batch, in one call that releases the GIL.
+sequence's keys. With SDPA each sequence is a call of its own (tens of microseconds of Python and
+dispatch each), or the batch's blocks are first copied into one padded tensor; a 16-bit cache is
+converted to float32 first, another copy. The kernel reads the blocks in place, in the cache's
+dtype, for the whole batch in one call that releases the GIL, asking for each block two blocks
+ahead (a CPU's prefetcher stops at the page edge a block starts on). What it cannot change: each
+decode reads all its keys and values once per step, so a long decode's cost follows the cache's
+bytes, and a 16-bit cache (`kv_cache_dtype`) halves them.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp-simd", "-fPIC"]  # fast-math le
 # layer): below it, handing parts to threads costs more than it saves.
 PARALLEL_MIN_BYTES = 1 << 20
 CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C source's CACHE_* codes
+MAX_BLOCK_SIZE = 1024  # a block's scores live on the C stack
 
 
 @dataclass
@@ -69,10 +74,11 @@ class DecodeKernel:
         self.pool: ThreadPoolExecutor | None = None
         self.pool_threads = 0
 
-    def serves(self, cache_dtype: torch.dtype, head_dim: int, group: int) -> bool:
-        """Whether the kernel takes a cache of this dtype, and is the faster path for this head dim and
-        query heads per KV head."""
-        return cache_dtype in CACHE_DTYPES and bool(self.serves_shape(CACHE_DTYPES[cache_dtype], head_dim, group))
+    def serves(self, cache_dtype: torch.dtype, head_dim: int, group: int, block_size: int) -> bool:
+        """Whether the kernel takes a cache of this dtype and block size, and is the faster path for
+        this head dim and query heads per KV head."""
+        return (cache_dtype in CACHE_DTYPES and block_size <= MAX_BLOCK_SIZE
+                and bool(self.serves_shape(CACHE_DTYPES[cache_dtype], head_dim, group)))
 
     @staticmethod
     def batch(rows: list[int], blocks: list[list[int]], lengths: list[int], bytes_per_key: int) -> DecodeBatch:
@@ -169,6 +175,6 @@ def load_decode_kernel() -> DecodeKernel | None:
             errors.append(error.stderr.strip().splitlines()[-1] if error.stderr.strip() else f"exit {error.returncode}")
         except OSError as error:
             errors.append(str(error))
-    log.warning("could not build the CPU decode-attention kernel with %s (%s): decode attention uses SDPA, slower at "
-                "long contexts", compiler, "; ".join(errors))
+    log.warning("could not build the CPU decode-attention kernel with %s into %s (%s): decode attention uses SDPA, slower "
+                "at long contexts. Set CC to another compiler, or RAYLM_KERNEL_CACHE to a writable dir.", compiler, cache, "; ".join(errors))
     return None
