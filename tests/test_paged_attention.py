@@ -67,6 +67,23 @@ def test_the_kernel_matches_sdpa_over_scattered_blocks(kernel, dtype, dim, group
     assert (out[0][:, others] == 7.0).all()  # rows that are not decodes are not written
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_16_bit_cache_is_widened_exactly_subnormals_and_extremes_included(kernel, dtype):
+    """With one key, a decode's output is its value row: every element must come back as the
+    cache's number exactly (the kernel widens 16-bit floats with integer arithmetic of its own)."""
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, info.tiny, -info.tiny, info.smallest_normal / 3, -info.smallest_normal / 7, info.max, -info.max,
+                            1.0, -2.5, 1e-3, 3.14159])
+    v = torch.zeros(1, BLOCK, 64)
+    v[0, 0] = torch.cat([special, torch.linspace(-60000 if dtype == torch.float16 else -1e30, 1e-6, 64 - len(special))])
+    v = v.to(dtype)
+    k = torch.zeros(1, BLOCK, 64, dtype=dtype)
+    q = torch.randn(1, 1, 1, 64)
+    out = torch.empty_like(q)
+    kernel(q, k, v, out, kernel.batch([0], [[0]], [1], bytes_per_key=1), BLOCK)
+    assert torch.equal(out[0, 0, 0], v[0, 0].float())
+
+
 def test_split_across_threads_the_kernel_gives_the_same_result(kernel, monkeypatch):
     q, k, v, blocks, lengths, rows = decode_case(torch.float32, 64, 3, seed=1)
     alone = torch.empty_like(q)

@@ -25,22 +25,27 @@ static inline float from_bfloat16(const uint16_t *p, int64_t i) { /* bfloat16 is
     memcpy(&value, &bits, sizeof value);
     return value;
 }
-static inline float from_float16(const uint16_t *p, int64_t i) {
-    /* Exponent and mantissa moved into float32's places, then rescaled by 2^(127-15): exact for
-     * normal and subnormal values, in plain integer and float operations that vectorise (a
-     * compiler's own half-precision type may convert one value at a time). Infinities and NaNs,
-     * which a cache should not hold, come out as large finite values. */
-    const uint32_t bits = ((uint32_t)(p[i] & 0x7fff)) << 13, sign = ((uint32_t)(p[i] & 0x8000)) << 16;
-    float magnitude;
-    memcpy(&magnitude, &bits, sizeof magnitude);
-    magnitude *= 0x1p112f;
+/* A narrow float's bits to float32, given its exponent and mantissa widths: a normal value's bits
+ * move into float32's places with its exponent rebiased; a subnormal one (exponent 0) is its
+ * mantissa times its least step. Integer and float operations that vectorise, with no float32
+ * subnormals on the way (each costs a CPU a slow assist); a compiler's own half-precision type may
+ * convert one value at a time. Infinities and NaNs, which a cache should not hold, come out as
+ * large finite values. */
+static inline float widen(uint32_t bits, int exponent_bits, int mantissa_bits) {
+    const int total = exponent_bits + mantissa_bits, bias = (1 << (exponent_bits - 1)) - 1;
+    const uint32_t magnitude = bits & ((1u << total) - 1), sign = (bits >> total) << 31;
+    const uint32_t normal_bits = (magnitude << (23 - mantissa_bits)) + ((uint32_t)(127 - bias) << 23);
+    float normal, value;
+    memcpy(&normal, &normal_bits, sizeof normal);
+    const float subnormal = (float)magnitude * ldexpf(1.0f, 1 - bias - mantissa_bits);
+    value = magnitude >> mantissa_bits ? normal : subnormal;
     uint32_t out;
-    memcpy(&out, &magnitude, sizeof out);
+    memcpy(&out, &value, sizeof out);
     out |= sign;
-    float value;
     memcpy(&value, &out, sizeof value);
     return value;
 }
+static inline float from_float16(const uint16_t *p, int64_t i) { return widen(p[i], 5, 10); }
 
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 2 /* blocks: far enough ahead that memory's latency is hidden behind the blocks between */
@@ -52,63 +57,70 @@ static inline void prefetch_block(const void *start, size_t bytes) {
     for (size_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char *)start + offset, 0, 3);
 }
 
+#define TILE 16 /* keys converted, scored and summed together */
+
 /* One sequence, one KV head: its `group` query heads over its `length` keys, the cache's elements
- * of type T read through LOAD. One pass over the blocks with a running softmax: each block's keys
- * and values are read once, as soon as they arrive. always_inline so that each specialisation below
- * gets `dim` and `group` as constants and keeps its sums in registers. The scores of a block live
- * on the stack (the caller keeps block_size at most 1024). */
-#define DEFINE_ATTEND_KV_HEAD(NAME, T, LOAD)                                                                       \
+ * of type T read through LOAD (IN_PLACE: T is float, read as it is). One pass over the blocks, a
+ * tile of keys at a time, with a running softmax: each tile's keys and values are read once, as
+ * soon as they arrive, and a narrow tile is converted once for all the group's query heads.
+ * always_inline so that each specialisation below gets `dim` and `group` as constants and keeps its
+ * sums in registers. */
+#define DEFINE_ATTEND_KV_HEAD(NAME, T, LOAD, IN_PLACE)                                                             \
     static inline __attribute__((always_inline)) void NAME(                                                        \
         const float *q, int64_t q_head, const T *k, const T *v, const int64_t *blocks, int64_t length, float *out, \
         int64_t out_head, const int64_t group, const int64_t dim, int64_t block_size, float scale) {               \
         const size_t block_bytes = (size_t)(block_size * dim) * sizeof(T);                                         \
-        float top[group], total[group], scores[group * block_size], sums[group * dim]; /* sums: out, unscaled */  \
+        float top[group], total[group], sums[group * dim]; /* sums: out, before dividing by total */              \
+        float scores[group * TILE], key_tile[IN_PLACE ? 1 : TILE * dim], value_tile[IN_PLACE ? 1 : TILE * dim];    \
         for (int64_t g = 0; g < group; g++) {                                                                      \
             top[g] = -INFINITY;                                                                                    \
             total[g] = 0.0f;                                                                                       \
         }                                                                                                          \
         memset(sums, 0, sizeof sums);                                                                              \
         for (int64_t first = 0, i = 0; first < length; first += block_size, i++) {                                 \
-            const T *key = k + blocks[i] * block_size * dim, *value = v + blocks[i] * block_size * dim;            \
-            const int64_t n = length - first < block_size ? length - first : block_size;                           \
             if (first + PREFETCH_AHEAD * block_size < length) {                                                    \
                 prefetch_block(k + blocks[i + PREFETCH_AHEAD] * block_size * dim, block_bytes);                    \
                 prefetch_block(v + blocks[i + PREFETCH_AHEAD] * block_size * dim, block_bytes);                    \
             }                                                                                                      \
-            /* scores [group, n]: each key read once for all the group's query heads */                            \
-            for (int64_t t = 0; t < n; t++) {                                                                      \
-                const T *kt = key + t * dim;                                                                       \
+            const int64_t in_block = length - first < block_size ? length - first : block_size;                    \
+            for (int64_t at = 0; at < in_block; at += TILE) {                                                      \
+                const int64_t n = in_block - at < TILE ? in_block - at : TILE;                                     \
+                const T *key = k + (blocks[i] * block_size + at) * dim, *value = v + (blocks[i] * block_size + at) * dim; \
+                const float *keys = (const float *)key, *values = (const float *)value;                            \
+                if (!IN_PLACE) {                                                                                   \
+                    _Pragma("omp simd") for (int64_t j = 0; j < n * dim; j++) key_tile[j] = LOAD(key, j);          \
+                    _Pragma("omp simd") for (int64_t j = 0; j < n * dim; j++) value_tile[j] = LOAD(value, j);      \
+                    keys = key_tile;                                                                               \
+                    values = value_tile;                                                                           \
+                }                                                                                                  \
                 for (int64_t g = 0; g < group; g++) {                                                              \
                     const float *qg = q + g * q_head;                                                              \
-                    float dot = 0.0f;                                                                              \
-                    _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; d++) dot +=                \
-                        qg[d] * LOAD(kt, d);                                                                       \
-                    scores[g * block_size + t] = dot * scale;                                                      \
+                    float *s = scores + g * TILE;                                                                  \
+                    for (int64_t t = 0; t < n; t++) { /* scores [n] */                                             \
+                        float dot = 0.0f;                                                                          \
+                        _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; d++) dot +=            \
+                            qg[d] * keys[t * dim + d];                                                             \
+                        s[t] = dot * scale;                                                                        \
+                    }                                                                                              \
+                    /* the running softmax: what is summed so far is rescaled when this tile raises the maximum */ \
+                    float most = top[g];                                                                           \
+                    for (int64_t t = 0; t < n; t++) most = s[t] > most ? s[t] : most;                              \
+                    const float rescale = expf(top[g] - most);                                                     \
+                    float sum = 0.0f;                                                                              \
+                    _Pragma("omp simd reduction(+ : sum)") for (int64_t t = 0; t < n; t++) {                       \
+                        s[t] = expf(s[t] - most);                                                                  \
+                        sum += s[t];                                                                               \
+                    }                                                                                              \
+                    total[g] = total[g] * rescale + sum;                                                           \
+                    top[g] = most;                                                                                 \
+                    float acc[dim]; /* sums[g] * rescale + scores @ values */                                     \
+                    _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) acc[d] = sums[g * dim + d] * rescale;    \
+                    for (int64_t t = 0; t < n; t++) {                                                              \
+                        const float p = s[t];                                                                      \
+                        _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) acc[d] += p * values[t * dim + d];   \
+                    }                                                                                              \
+                    _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) sums[g * dim + d] = acc[d];              \
                 }                                                                                                  \
-            }                                                                                                      \
-            /* the running softmax: rescale what is summed so far when this block raises the maximum */            \
-            for (int64_t g = 0; g < group; g++) {                                                                  \
-                float *s = scores + g * block_size;                                                                \
-                float most = top[g];                                                                               \
-                for (int64_t t = 0; t < n; t++) most = s[t] > most ? s[t] : most;                                  \
-                const float rescale = expf(top[g] - most);                                                         \
-                float sum = 0.0f;                                                                                  \
-                _Pragma("omp simd reduction(+ : sum)") for (int64_t t = 0; t < n; t++) {                           \
-                    s[t] = expf(s[t] - most);                                                                      \
-                    sum += s[t];                                                                                   \
-                }                                                                                                  \
-                total[g] = total[g] * rescale + sum;                                                               \
-                top[g] = most;                                                                                     \
-                /* sums[g] = sums[g] * rescale + scores @ values: the value rows come from the first level of     \
-                 * cache for each query head, while the running sums stay in registers */                          \
-                float acc[dim];                                                                                    \
-                _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) acc[d] = sums[g * dim + d] * rescale;        \
-                for (int64_t t = 0; t < n; t++) {                                                                  \
-                    const T *vt = value + t * dim;                                                                 \
-                    const float p = s[t];                                                                          \
-                    _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) acc[d] += p * LOAD(vt, d);               \
-                }                                                                                                  \
-                _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) sums[g * dim + d] = acc[d];                  \
             }                                                                                                      \
         }                                                                                                          \
         for (int64_t g = 0; g < group; g++) {                                                                      \
@@ -118,9 +130,9 @@ static inline void prefetch_block(const void *start, size_t bytes) {
         }                                                                                                          \
     }
 
-DEFINE_ATTEND_KV_HEAD(attend_float32, float, from_float32)
-DEFINE_ATTEND_KV_HEAD(attend_bfloat16, uint16_t, from_bfloat16)
-DEFINE_ATTEND_KV_HEAD(attend_float16, uint16_t, from_float16)
+DEFINE_ATTEND_KV_HEAD(attend_float32, float, from_float32, 1)
+DEFINE_ATTEND_KV_HEAD(attend_bfloat16, uint16_t, from_bfloat16, 0)
+DEFINE_ATTEND_KV_HEAD(attend_float16, uint16_t, from_float16, 0)
 
 /* The shapes this kernel serves: head dim 64 with up to 4 query heads per KV head, 128 with up to 2.
  * Past these, its dot products (one key at a time) cost more than SDPA's matrix products: measured
