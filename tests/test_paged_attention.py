@@ -27,26 +27,27 @@ def kernel():
     return built
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[list[int]], lengths: list[int], rows: list[int]) -> torch.Tensor:
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[list[int]], lengths: list[int], rows: list[int],
+              block: int = BLOCK) -> torch.Tensor:
     """Each decode's heads over its own keys, gathered slot by slot, through SDPA in float32."""
     heads, kv_heads = q.shape[1], k.shape[0]
     out = []
     for row, ids, length in zip(rows, blocks, lengths):
-        slots = torch.tensor([ids[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
+        slots = torch.tensor([ids[p // block] * block + p % block for p in range(length)])
         grouped = q[0, :, row].reshape(kv_heads, heads // kv_heads, -1)[None]
         out.append(F.scaled_dot_product_attention(grouped, k[None, :, slots].float(), v[None, :, slots].float()).reshape(heads, -1))
     return torch.stack(out, dim=1)  # [H, B, D]
 
 
-def decode_case(dtype: torch.dtype, dim: int, group: int, kv_heads: int = 2, seed: int = 0):
+def decode_case(dtype: torch.dtype, dim: int, group: int, kv_heads: int = 2, seed: int = 0, block: int = BLOCK):
     """Five decodes of 1 to 100 keys over scattered blocks, at rows 1, 3, 4, 6, 7 of a packed step
     of 9 tokens whose queries are laid out as the model makes them (a transposed view)."""
     torch.manual_seed(seed)
     lengths = [1, 15, 16, 17, 100]
-    counts = [(n + BLOCK - 1) // BLOCK for n in lengths]
+    counts = [(n + block - 1) // block for n in lengths]
     order = torch.randperm(sum(counts) + 3).tolist()
     blocks = [order[sum(counts[:i]) : sum(counts[: i + 1])] for i in range(len(lengths))]
-    slots = (sum(counts) + 3) * BLOCK
+    slots = (sum(counts) + 3) * block
     k, v = (torch.randn(kv_heads, slots, dim).to(dtype) for _ in range(2))
     q = torch.randn(1, 9, kv_heads * group, dim).transpose(1, 2)  # [1, H, N, D], not contiguous
     return q, k, v, blocks, lengths, [1, 3, 4, 6, 7]
@@ -59,12 +60,20 @@ SHAPES = [(64, 1), (64, 3), (64, 4), (128, 2)]
 @pytest.mark.parametrize("dim, group", SHAPES, ids=[f"dim{d}-group{g}" for d, g in SHAPES])
 def test_the_kernel_matches_sdpa_over_scattered_blocks(kernel, dtype, dim, group):
     q, k, v, blocks, lengths, rows = decode_case(dtype, dim, group)
-    assert kernel.serves(dtype, dim, group, BLOCK)
+    assert kernel.serves(dtype, dim, group)
     out = torch.full_like(q, 7.0)
     kernel(q, k, v, out, kernel.batch(rows, blocks, lengths, bytes_per_key=1), BLOCK)
     assert torch.allclose(out[0][:, rows], reference(q, k, v, blocks, lengths, rows), atol=2e-5, rtol=1e-4)
     others = [r for r in range(q.shape[2]) if r not in rows]
     assert (out[0][:, others] == 7.0).all()  # rows that are not decodes are not written
+
+
+@pytest.mark.parametrize("block", [1, 5, 40])
+def test_blocks_smaller_or_larger_than_the_kernels_tile_of_16_keys(kernel, block):
+    q, k, v, blocks, lengths, rows = decode_case(torch.float16, 64, 2, block=block)
+    out = torch.empty_like(q)
+    kernel(q, k, v, out, kernel.batch(rows, blocks, lengths, bytes_per_key=1), block)
+    assert torch.allclose(out[0][:, rows], reference(q, k, v, blocks, lengths, rows, block), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -102,10 +111,9 @@ def test_split_across_threads_the_kernel_gives_the_same_result(kernel, monkeypat
 
 
 def test_shapes_and_dtypes_it_does_not_serve_are_left_to_sdpa(kernel):
-    assert not kernel.serves(torch.float32, 96, 1, BLOCK)  # another head dim
-    assert not kernel.serves(torch.float32, 64, 8, BLOCK)  # many query heads per KV head: SDPA's matmuls win
-    assert not kernel.serves(torch.int8, 64, 1, BLOCK)
-    assert not kernel.serves(torch.float32, 64, 1, 4096)  # a block's scores would not fit the C stack's share
+    assert not kernel.serves(torch.float32, 96, 1)  # another head dim
+    assert not kernel.serves(torch.float32, 64, 8)  # many query heads per KV head: SDPA's matmuls win
+    assert not kernel.serves(torch.int8, 64, 1)
     cfg = ModelConfig(vocab_size=50, dim=96 * 2, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
     assert KVCache(cfg, num_blocks=4, block_size=BLOCK).decode_kernel is None
     cfg = ModelConfig(vocab_size=50, dim=64 * 2, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=64)

@@ -12,6 +12,7 @@
  *   lengths     [batch] int64                  each sequence's key count (its blocks are full but the last)
  * Query heads h*group .. h*group+group-1 share KV head h (grouped-query attention). Sums are in float32.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -73,7 +74,7 @@ static inline void prefetch_block(const void *start, size_t bytes) {
         float top[group], total[group], sums[group * dim]; /* sums: out, before dividing by total */              \
         float scores[group * TILE], key_tile[IN_PLACE ? 1 : TILE * dim], value_tile[IN_PLACE ? 1 : TILE * dim];    \
         for (int64_t g = 0; g < group; g++) {                                                                      \
-            top[g] = -INFINITY;                                                                                    \
+            top[g] = -FLT_MAX; /* not -INFINITY: -ffast-math lets the compiler assume no infinities */       \
             total[g] = 0.0f;                                                                                       \
         }                                                                                                          \
         memset(sums, 0, sizeof sums);                                                                              \

@@ -46,7 +46,6 @@ COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp-simd", "-fPIC"]  # fast-math le
 # layer): below it, handing parts to threads costs more than it saves.
 PARALLEL_MIN_BYTES = 1 << 20
 CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C source's CACHE_* codes
-MAX_BLOCK_SIZE = 1024  # a block's scores live on the C stack
 
 
 @dataclass
@@ -74,11 +73,10 @@ class DecodeKernel:
         self.pool: ThreadPoolExecutor | None = None
         self.pool_threads = 0
 
-    def serves(self, cache_dtype: torch.dtype, head_dim: int, group: int, block_size: int) -> bool:
-        """Whether the kernel takes a cache of this dtype and block size, and is the faster path for
-        this head dim and query heads per KV head."""
-        return (cache_dtype in CACHE_DTYPES and block_size <= MAX_BLOCK_SIZE
-                and bool(self.serves_shape(CACHE_DTYPES[cache_dtype], head_dim, group)))
+    def serves(self, cache_dtype: torch.dtype, head_dim: int, group: int) -> bool:
+        """Whether the kernel takes a cache of this dtype, and is the faster path for this head dim and
+        query heads per KV head."""
+        return cache_dtype in CACHE_DTYPES and bool(self.serves_shape(CACHE_DTYPES[cache_dtype], head_dim, group))
 
     @staticmethod
     def batch(rows: list[int], blocks: list[list[int]], lengths: list[int], bytes_per_key: int) -> DecodeBatch:

@@ -159,7 +159,7 @@ class KVCache:
         self.block_size = block_size
         self.bytes_per_key = 2 * cfg.n_kv_heads * cfg.head_dim * self.k.element_size()  # a position's keys and values, all heads
         kernel = load_decode_kernel() if self.k.device.type == "cpu" else None
-        self.decode_kernel = kernel if kernel is not None and kernel.serves(dtype, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads, block_size) else None
+        self.decode_kernel = kernel if kernel is not None and kernel.serves(dtype, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads) else None
         self.slots: torch.Tensor | None = None
         self.paged_decode: DecodeBatch | None = None  # the step's decodes, for the kernel
         self.decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for SDPA: rows, gathered blocks, key mask
