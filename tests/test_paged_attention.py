@@ -6,6 +6,7 @@ does; and without a compiler the cache falls back to SDPA and says why."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def kernel():
+    if os.environ.get("RAYLM_CPU_DECODE_KERNEL") == "0":
+        pytest.skip("RAYLM_CPU_DECODE_KERNEL=0: the decode kernel is turned off")
     built = load_decode_kernel()
     assert built is not None, "the decode kernel did not build: is a C compiler (cc) on PATH?"
     return built
@@ -53,7 +56,7 @@ def decode_case(dtype: torch.dtype, dim: int, group: int, kv_heads: int = 2, see
     return q, k, v, blocks, lengths, [1, 3, 4, 6, 7]
 
 
-SHAPES = [(64, 1), (64, 3), (64, 4), (128, 2)]
+SHAPES = [(32, 2), (64, 1), (64, 3), (64, 4), (128, 2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -93,6 +96,26 @@ def test_a_16_bit_cache_is_widened_exactly_subnormals_and_extremes_included(kern
     assert torch.equal(out[0, 0, 0], v[0, 0].float())
 
 
+def test_a_float16_cache_saturates_instead_of_storing_infinities(kernel):
+    cfg = ModelConfig(vocab_size=50, dim=128, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=64)
+    cache = KVCache(cfg, num_blocks=2, block_size=BLOCK, dtype=torch.float16)
+    cache.bind(torch.tensor([0, 1]), [(0, 2, [(0, 2)])])
+    huge = torch.tensor([1e6, -1e6])[:, None].expand(2, 64)[None, None]  # [1, Hkv, N, D]: past float16's 65504
+    cache.store(0, huge, huge)
+    assert cache.k[0, 0, :2, 0].tolist() == cache.v[0, 0, :2, 0].tolist() == [65504, -65504]
+
+
+def test_queries_of_a_bfloat16_model_attend_through_the_kernel_as_float32_ones_do(kernel):
+    cfg = ModelConfig(vocab_size=50, dim=128, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=64)
+    cache = KVCache(cfg, num_blocks=4, block_size=BLOCK)
+    torch.manual_seed(0)
+    cache.k.normal_(), cache.v.normal_()
+    # A prompt chunk of 3 rows (through SDPA) between two decodes (through the kernel).
+    cache.bind(torch.tensor([20, 40, 41, 42, 5]), [(0, 1, [(16, 21)]), (1, 3, [(32, 43)]), (4, 1, [(0, 6)])])
+    q = torch.randn(1, 2, 5, 64).to(torch.bfloat16)
+    assert torch.allclose(cache.attend(0, q).float(), cache.attend(0, q.float()), atol=1e-2)
+
+
 def test_split_across_threads_the_kernel_gives_the_same_result(kernel, monkeypatch):
     q, k, v, blocks, lengths, rows = decode_case(torch.float32, 64, 3, seed=1)
     alone = torch.empty_like(q)
@@ -113,6 +136,7 @@ def test_split_across_threads_the_kernel_gives_the_same_result(kernel, monkeypat
 def test_shapes_and_dtypes_it_does_not_serve_are_left_to_sdpa(kernel):
     assert not kernel.serves(torch.float32, 96, 1)  # another head dim
     assert not kernel.serves(torch.float32, 64, 8)  # many query heads per KV head: SDPA's matmuls win
+    assert not kernel.serves(torch.float32, 32, 4) and not kernel.serves(torch.float32, 128, 4)
     assert not kernel.serves(torch.int8, 64, 1)
     cfg = ModelConfig(vocab_size=50, dim=96 * 2, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
     assert KVCache(cfg, num_blocks=4, block_size=BLOCK).decode_kernel is None

@@ -126,7 +126,7 @@ static inline void prefetch_block(const void *start, size_t bytes) {
         }                                                                                                          \
         for (int64_t g = 0; g < group; g++) {                                                                      \
             float *og = out + g * out_head;                                                                        \
-            const float inverse = 1.0f / total[g];                                                                 \
+            const float inverse = total[g] > 0.0f ? 1.0f / total[g] : 0.0f; /* no keys (never so from KVCache): 0 */ \
             _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) og[d] = sums[g * dim + d] * inverse;             \
         }                                                                                                          \
     }
@@ -135,11 +135,13 @@ DEFINE_ATTEND_KV_HEAD(attend_float32, float, from_float32, 1)
 DEFINE_ATTEND_KV_HEAD(attend_bfloat16, uint16_t, from_bfloat16, 0)
 DEFINE_ATTEND_KV_HEAD(attend_float16, uint16_t, from_float16, 0)
 
-/* The shapes this kernel serves: head dim 64 with up to 4 query heads per KV head, 128 with up to 2.
- * Past these, its dot products (one key at a time) cost more than SDPA's matrix products: measured
- * at context 512, batch 8, on a 2-core AVX-512 Xeon, SDPA was 5-25% faster at head dim 64 with 6 or
- * 8 query heads per KV head and at 128 with 3 or more. The caller takes its SDPA path for those. */
-#define FOR_EACH_SHAPE(X, TYPE) X(TYPE, 64, 1) X(TYPE, 64, 2) X(TYPE, 64, 3) X(TYPE, 64, 4) X(TYPE, 128, 1) X(TYPE, 128, 2)
+/* The shapes this kernel serves: head dim 32 or 128 with up to 2 query heads per KV head, 64 with up
+ * to 4. Past these, its dot products (one key at a time) cost more than SDPA's matrix products:
+ * measured at context 512, batch 8, on a 2-core AVX-512 Xeon, SDPA was 5-25% faster at head dim 64
+ * with 6 or 8 query heads per KV head, at 128 with 3 or more, and at 32 with 4. The caller takes its
+ * SDPA path for those. */
+#define FOR_EACH_SHAPE(X, TYPE) \
+    X(TYPE, 32, 1) X(TYPE, 32, 2) X(TYPE, 64, 1) X(TYPE, 64, 2) X(TYPE, 64, 3) X(TYPE, 64, 4) X(TYPE, 128, 1) X(TYPE, 128, 2)
 
 #define SPECIALISE(TYPE, DIM, GROUP)                                                                         \
     static void attend_##TYPE##_##DIM##_##GROUP(const float *q, int64_t q_head, const void *k, const void *v,  \

@@ -45,6 +45,7 @@ COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp-simd", "-fPIC"]  # fast-math le
 # Split a call across torch's threads only when each part still has this much cache to read (per
 # layer): below it, handing parts to threads costs more than it saves.
 PARALLEL_MIN_BYTES = 1 << 20
+BUILD_TIMEOUT_S = 120  # a compiler that hangs must not hold a replica's start for longer
 CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C source's CACHE_* codes
 
 
@@ -116,11 +117,15 @@ class DecodeKernel:
             attend_part(*batch.parts[0])
             return
         if self.pool_threads < len(batch.parts) - 1:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False)
             self.pool, self.pool_threads = ThreadPoolExecutor(len(batch.parts) - 1, thread_name_prefix="decode-attention"), len(batch.parts) - 1
         futures = [self.pool.submit(attend_part, *part) for part in batch.parts[1:]]
-        attend_part(*batch.parts[0])  # this thread takes a part too
-        for future in futures:
-            future.result()
+        try:
+            attend_part(*batch.parts[0])  # this thread takes a part too
+        finally:  # no part may still be reading q or writing out once this returns, even by raising
+            for future in futures:
+                future.result()
 
 
 def cpu_identity() -> str:
@@ -137,23 +142,43 @@ def cpu_identity() -> str:
     return identity
 
 
+def compiler_version(compiler: str) -> str:
+    """The compiler's first --version line: a new compiler builds anew."""
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S).stdout.partition("\n")[0]
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def build(compiler: str, flags: list[str], target: Path) -> None:
     """Compile, then link without -ffast-math: linking a shared library with it makes GCC add
     start-up code that flushes denormals to zero for the whole process, torch included."""
     with tempfile.TemporaryDirectory() as work:
         obj, library = Path(work) / "kernel.o", Path(work) / "kernel.so"
-        subprocess.run([compiler, *flags, "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True, text=True)
-        subprocess.run([compiler, "-shared", str(obj), "-o", str(library), "-lm"], check=True, capture_output=True, text=True)
+        for command in ([compiler, *flags, "-c", str(SOURCE), "-o", str(obj)], [compiler, "-shared", str(obj), "-o", str(library), "-lm"]):
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staged = target.with_name(f".{target.name}.{os.getpid()}")
-        shutil.copyfile(library, staged)
-        os.replace(staged, target)  # atomic: a concurrent loader sees the old file or the whole new one
+        handle, staged = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # unique across nodes sharing the dir
+        os.close(handle)
+        try:
+            shutil.copyfile(library, staged)
+            os.replace(staged, target)  # atomic: a concurrent loader sees the old file or the whole new one
+        finally:
+            Path(staged).unlink(missing_ok=True)
+
+
+def first_error(error: subprocess.CalledProcessError) -> str:
+    """The compiler's first error line (its last is often only "compilation terminated.")."""
+    lines = (error.stderr or "").strip().splitlines()
+    return next((line for line in lines if "error" in line), lines[-1] if lines else f"exit {error.returncode}")
 
 
 @functools.cache
 def load_decode_kernel() -> DecodeKernel | None:
-    """The built kernel, or None (with one log line saying why) where it cannot be had."""
+    """The built kernel, or None (with one log line saying why) where it cannot be had. Once per
+    process: CC, RAYLM_KERNEL_CACHE and RAYLM_CPU_DECODE_KERNEL are read at the first call."""
     if os.environ.get("RAYLM_CPU_DECODE_KERNEL", "1") == "0":
+        log.info("RAYLM_CPU_DECODE_KERNEL=0: decode attention on the CPU uses SDPA")
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
@@ -161,16 +186,18 @@ def load_decode_kernel() -> DecodeKernel | None:
                     "Install gcc or clang, or set CC.", os.environ.get("CC", "cc"))
         return None
     cache = Path(os.environ.get("RAYLM_KERNEL_CACHE", Path.home() / ".cache" / "raylm" / "kernels"))
-    errors = []
+    errors, version = [], compiler_version(compiler)
     for flags in ([*COMPILE_FLAGS, "-march=native"], COMPILE_FLAGS):  # not every compiler knows -march=native
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, compiler, cpu_identity()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, compiler, version, cpu_identity()]).encode()).hexdigest()[:16]
         target = cache / f"paged_attention-{key}.so"
         try:
             if not target.exists():
                 build(compiler, flags, target)
             return DecodeKernel(ctypes.CDLL(str(target)))
         except subprocess.CalledProcessError as error:
-            errors.append(error.stderr.strip().splitlines()[-1] if error.stderr.strip() else f"exit {error.returncode}")
+            errors.append(first_error(error))
+        except subprocess.TimeoutExpired:
+            errors.append(f"no result in {BUILD_TIMEOUT_S} s")
         except OSError as error:
             errors.append(str(error))
     log.warning("could not build the CPU decode-attention kernel with %s into %s (%s): decode attention uses SDPA, slower "

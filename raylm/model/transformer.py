@@ -28,6 +28,7 @@ it cannot be built, SDPA does the same work.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -216,6 +217,8 @@ class KVCache:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [1, Hkv, N, D] at the bound slots."""
+        if self.k.dtype == torch.float16:  # saturate at float16's largest value: past it a cast gives inf
+            k, v = k.clamp(-65504, 65504), v.clamp(-65504, 65504)
         self.k[layer][:, self.slots] = k[0].to(self.k.dtype)
         self.v[layer][:, self.slots] = v[0].to(self.v.dtype)
 
@@ -227,10 +230,12 @@ class KVCache:
         if self.paged_decode is not None:  # read from q and written into out in place, when they are float32
             if q.dtype == torch.float32 and q.stride(-1) == 1:
                 self.decode_kernel(q, k, v, out, self.paged_decode, self.block_size)
-            else:
-                attended = torch.empty(q.shape, dtype=torch.float32)
-                self.decode_kernel(q.float().contiguous(), k, v, attended, self.paged_decode, self.block_size)
-                out[0, :, self.paged_decode.rows] = attended[0, :, self.paged_decode.rows].to(q.dtype)
+            else:  # the decodes' rows alone, widened: [1, H, B, D]
+                rows = self.paged_decode.rows
+                queries = q[:, :, rows].float()
+                attended = torch.empty_like(queries)
+                self.decode_kernel(queries, k, v, attended, dataclasses.replace(self.paged_decode, rows=torch.arange(len(rows))), self.block_size)
+                out[:, :, rows] = attended.to(q.dtype)
         if self.decode is not None:
             # Each decode's one query per head, laid out as rows of its KV head: [B, Hkv, H/Hkv, D]
             # against [B, Hkv, L, D], so GQA needs no repeated keys and one SDPA call serves them all.
