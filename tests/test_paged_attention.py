@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,21 +117,26 @@ def test_queries_of_a_bfloat16_model_attend_through_the_kernel_as_float32_ones_d
     assert torch.allclose(cache.attend(0, q).float(), cache.attend(0, q.float()), atol=1e-2)
 
 
-def test_split_across_threads_the_kernel_gives_the_same_result(kernel, monkeypatch):
+def test_shared_out_to_torchs_threads_the_kernel_gives_the_same_result_in_the_same_process_pool(kernel, monkeypatch):
+    assert kernel.parallel, "the kernel was built without OpenMP"
     q, k, v, blocks, lengths, rows = decode_case(torch.float32, 64, 3, seed=1)
     alone = torch.empty_like(q)
-    kernel(q, k, v, alone, kernel.batch(rows, blocks, lengths, bytes_per_key=1), BLOCK)
+    few = kernel.batch(rows, blocks, lengths, bytes_per_key=1)  # 149 bytes: far under PARALLEL_MIN_BYTES
+    kernel(q, k, v, alone, few, BLOCK)
     monkeypatch.setattr(paged_attention, "PARALLEL_MIN_BYTES", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         batch = kernel.batch(rows, blocks, lengths, bytes_per_key=1)
-        split = torch.empty_like(q)
-        kernel(q, k, v, split, batch, BLOCK)
+        shared = torch.empty_like(q)
+        kernel(q, k, v, shared, batch, BLOCK)
     finally:
         torch.set_num_threads(threads)
-    assert batch.parts == [(0, 4), (4, 5)]  # 49 keys, then 100: a decode is never split, so two parts, not three
-    assert torch.equal(split[0][:, rows], alone[0][:, rows])
+    assert few.threads == 1 and batch.threads == 3
+    assert torch.equal(shared[0][:, rows], alone[0][:, rows])  # each sequence-head is one thread's, whole
+    # The kernel's OpenMP is torch's: one libgomp in the process, not a second thread pool.
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    assert len({line.split()[-1] for line in maps if "libgomp" in line}) == 1
 
 
 def test_shapes_and_dtypes_it_does_not_serve_are_left_to_sdpa(kernel):

@@ -170,14 +170,16 @@ int paged_decode_attention_serves(int64_t cache_dtype, int64_t dim, int64_t grou
     return find_attend(cache_dtype, dim, group) != NULL;
 }
 
-/* The decodes of rows [first, last) of the table. Queries and outputs are read and written in
- * place: sequence i's head h is at q + rows[i] * q_row + h * q_head (likewise out), its dim
- * contiguous. Returns 0, or 1 for a shape or dtype it does not serve. */
+/* Every decode of the step. Queries and outputs are read and written in place: sequence i's head h
+ * is at q + rows[i] * q_row + h * q_head (likewise out), its dim contiguous. With `threads` > 1 the
+ * sequence-heads are shared out in an OpenMP loop; built with -fopenmp, this library then uses the
+ * libgomp torch has loaded (the same soname), so its threads are torch's own, not a second pool.
+ * Returns 0, or 1 for a shape or dtype it does not serve. */
 int paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, float *out, int64_t out_row,
                            int64_t out_head, const int64_t *rows, const void *k, const void *v,
-                           const int64_t *table, const int64_t *lengths, int64_t first, int64_t last,
-                           int64_t heads, int64_t kv_heads, int64_t dim, int64_t slots, int64_t table_width,
-                           int64_t block_size, float scale, int64_t cache_dtype) {
+                           const int64_t *table, const int64_t *lengths, int64_t batch, int64_t heads,
+                           int64_t kv_heads, int64_t dim, int64_t slots, int64_t table_width, int64_t block_size,
+                           float scale, int64_t cache_dtype, int64_t threads) {
     const int64_t group = heads / kv_heads;
     const attend_fn attend = find_attend(cache_dtype, dim, group);
     if (attend == NULL) return 1;
@@ -190,16 +192,15 @@ int paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, float 
         prefetch_block((const char *)k + at, block_bytes);                                                       \
         prefetch_block((const char *)v + at, block_bytes);                                                       \
     }
-    if (first < last) PREFETCH_START(first, 0)
-    for (int64_t b = first; b < last; b++) {
-        for (int64_t h = 0; h < kv_heads; h++) {
-            if (h + 1 < kv_heads) PREFETCH_START(b, h + 1)
-            else if (b + 1 < last) PREFETCH_START(b + 1, 0)
-            const size_t head = (size_t)(h * slots * dim) * element;
-            attend(q + rows[b] * q_row + h * group * q_head, q_head, (const char *)k + head, (const char *)v + head,
-                   table + b * table_width, lengths[b], out + rows[b] * out_row + h * group * out_head, out_head,
-                   block_size, scale);
-        }
+    if (batch > 0) PREFETCH_START(0, 0)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    for (int64_t pair = 0; pair < batch * kv_heads; pair++) {
+        const int64_t b = pair / kv_heads, h = pair % kv_heads;
+        if (pair + 1 < batch * kv_heads) PREFETCH_START((pair + 1) / kv_heads, (pair + 1) % kv_heads)
+        const size_t head = (size_t)(h * slots * dim) * element;
+        attend(q + rows[b] * q_row + h * group * q_head, q_head, (const char *)k + head, (const char *)v + head,
+               table + b * table_width, lengths[b], out + rows[b] * out_row + h * group * out_head, out_head,
+               block_size, scale);
     }
     return 0;
 }

@@ -16,7 +16,9 @@ sequence's keys. With SDPA each sequence is a call of its own (tens of microseco
 dispatch each), or the batch's blocks are first copied into one padded tensor; a 16-bit cache is
 converted to float32 first, another copy. The kernel reads the blocks in place, in the cache's
 dtype, for the whole batch in one call that releases the GIL, asking for each block two blocks
-ahead (a CPU's prefetcher stops at the page edge a block starts on). What it cannot change: each
+ahead (a CPU's prefetcher stops at the page edge a block starts on). Built with OpenMP, it shares a
+long batch out to torch's own threads (torch's libgomp, loaded first, serves its soname). What it
+cannot change: each
 decode reads all its keys and values once per step, so a long decode's cost follows the cache's
 bytes, and a 16-bit cache (`kv_cache_dtype`) halves them.
 """
@@ -32,7 +34,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.c")
 COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp-simd", "-fPIC"]  # fast-math lets expf and the sums vectorise
-# Split a call across torch's threads only when each part still has this much cache to read (per
-# layer): below it, handing parts to threads costs more than it saves.
+# Tried in order: not every compiler has OpenMP (Apple's clang) or knows -march=native.
+FLAG_CHOICES = [["-fopenmp", "-march=native"], ["-march=native"], ["-fopenmp"], []]
+# Share a call out to torch's threads only while each still has this much cache to read (per layer):
+# below it, waking threads costs more than it saves.
 PARALLEL_MIN_BYTES = 1 << 20
 BUILD_TIMEOUT_S = 120  # a compiler that hangs must not hold a replica's start for longer
 CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C source's CACHE_* codes
@@ -56,46 +59,36 @@ class DecodeBatch:
     rows: torch.Tensor  # [B] int64: each decode's row (token) in the step's packed forward
     table: torch.Tensor  # [B, W] int64: each one's blocks in order, padded
     lengths: torch.Tensor  # [B] int64: each one's key count, its new token's included
-    parts: list[tuple[int, int]]  # ranges of the B decodes, one per thread that attends
+    threads: int  # torch's threads that attend them together
 
 
 class DecodeKernel:
     """`paged_decode_attention` from the built library: `batch()` once per step, then call it per
     layer."""
 
-    def __init__(self, library: ctypes.CDLL):
+    def __init__(self, library: ctypes.CDLL, parallel: bool):
         self.attend = library.paged_decode_attention
         self.attend.restype = ctypes.c_int
         self.attend.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 5
-                                + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64])
+                                + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64])
         self.serves_shape = library.paged_decode_attention_serves
         self.serves_shape.restype = ctypes.c_int
         self.serves_shape.argtypes = [ctypes.c_int64] * 3
-        self.pool: ThreadPoolExecutor | None = None
-        self.pool_threads = 0
+        self.parallel = parallel  # built with OpenMP: it can use torch's threads
 
     def serves(self, cache_dtype: torch.dtype, head_dim: int, group: int) -> bool:
         """Whether the kernel takes a cache of this dtype, and is the faster path for this head dim and
         query heads per KV head."""
         return cache_dtype in CACHE_DTYPES and bool(self.serves_shape(CACHE_DTYPES[cache_dtype], head_dim, group))
 
-    @staticmethod
-    def batch(rows: list[int], blocks: list[list[int]], lengths: list[int], bytes_per_key: int) -> DecodeBatch:
-        """The step's decodes: their rows, their blocks and key counts; split into about equal parts
-        (by keys), one per torch thread, fewer when a part would read under PARALLEL_MIN_BYTES."""
+    def batch(self, rows: list[int], blocks: list[list[int]], lengths: list[int], bytes_per_key: int) -> DecodeBatch:
+        """The step's decodes: their rows, their blocks and key counts, and the threads to share them
+        (torch's, fewer when each would read under PARALLEL_MIN_BYTES a layer)."""
         table = torch.zeros(len(rows), max(len(ids) for ids in blocks), dtype=torch.long)
         for i, ids in enumerate(blocks):
             table[i, : len(ids)] = torch.tensor(ids)
-        total = sum(lengths)
-        count = max(1, min(torch.get_num_threads(), len(rows), total * bytes_per_key // PARALLEL_MIN_BYTES))
-        parts, first, seen = [], 0, 0
-        for i, length in enumerate(lengths):  # a part ends before the decode that would take it past its share
-            if i > first and len(parts) < count - 1 and (seen + length) * count > total * (len(parts) + 1):
-                parts.append((first, i))
-                first = i
-            seen += length
-        parts.append((first, len(lengths)))
-        return DecodeBatch(torch.tensor(rows), table, torch.tensor(lengths), parts)
+        threads = min(torch.get_num_threads(), sum(lengths) * bytes_per_key // PARALLEL_MIN_BYTES) if self.parallel else 1
+        return DecodeBatch(torch.tensor(rows), table, torch.tensor(lengths), max(1, threads))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, batch: DecodeBatch,
                  block_size: int) -> None:
@@ -104,28 +97,12 @@ class DecodeKernel:
         dtype it `serves`, contiguous."""
         _, heads, _, dim = q.shape
         kv_heads, slots, _ = k.shape
-
-        def attend_part(first: int, last: int) -> None:
-            failed = self.attend(q.data_ptr(), q.stride(2), q.stride(1), out.data_ptr(), out.stride(2), out.stride(1),
-                                 batch.rows.data_ptr(), k.data_ptr(), v.data_ptr(), batch.table.data_ptr(), batch.lengths.data_ptr(),
-                                 first, last, heads, kv_heads, dim, slots, batch.table.shape[1], block_size, dim ** -0.5,
-                                 CACHE_DTYPES[k.dtype])
-            if failed:
-                raise ValueError(f"decode attention does not serve a {k.dtype} cache with head dim {dim} and {heads // kv_heads} query heads per KV head")
-
-        if len(batch.parts) == 1:
-            attend_part(*batch.parts[0])
-            return
-        if self.pool_threads < len(batch.parts) - 1:
-            if self.pool is not None:
-                self.pool.shutdown(wait=False)
-            self.pool, self.pool_threads = ThreadPoolExecutor(len(batch.parts) - 1, thread_name_prefix="decode-attention"), len(batch.parts) - 1
-        futures = [self.pool.submit(attend_part, *part) for part in batch.parts[1:]]
-        try:
-            attend_part(*batch.parts[0])  # this thread takes a part too
-        finally:  # no part may still be reading q or writing out once this returns, even by raising
-            for future in futures:
-                future.result()
+        failed = self.attend(q.data_ptr(), q.stride(2), q.stride(1), out.data_ptr(), out.stride(2), out.stride(1),
+                             batch.rows.data_ptr(), k.data_ptr(), v.data_ptr(), batch.table.data_ptr(), batch.lengths.data_ptr(),
+                             len(batch.rows), heads, kv_heads, dim, slots, batch.table.shape[1], block_size, dim ** -0.5,
+                             CACHE_DTYPES[k.dtype], batch.threads)
+        if failed:
+            raise ValueError(f"decode attention does not serve a {k.dtype} cache with head dim {dim} and {heads // kv_heads} query heads per KV head")
 
 
 def cpu_identity() -> str:
@@ -155,7 +132,8 @@ def build(compiler: str, flags: list[str], target: Path) -> None:
     start-up code that flushes denormals to zero for the whole process, torch included."""
     with tempfile.TemporaryDirectory() as work:
         obj, library = Path(work) / "kernel.o", Path(work) / "kernel.so"
-        for command in ([compiler, *flags, "-c", str(SOURCE), "-o", str(obj)], [compiler, "-shared", str(obj), "-o", str(library), "-lm"]):
+        openmp = ["-fopenmp"] if "-fopenmp" in flags else []  # links libgomp: at load, the copy torch has loaded
+        for command in ([compiler, *flags, "-c", str(SOURCE), "-o", str(obj)], [compiler, "-shared", *openmp, str(obj), "-o", str(library), "-lm"]):
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, staged = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # unique across nodes sharing the dir
@@ -187,13 +165,14 @@ def load_decode_kernel() -> DecodeKernel | None:
         return None
     cache = Path(os.environ.get("RAYLM_KERNEL_CACHE", Path.home() / ".cache" / "raylm" / "kernels"))
     errors, version = [], compiler_version(compiler)
-    for flags in ([*COMPILE_FLAGS, "-march=native"], COMPILE_FLAGS):  # not every compiler knows -march=native
+    for choice in FLAG_CHOICES:
+        flags = [*COMPILE_FLAGS, *choice]
         key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, compiler, version, cpu_identity()]).encode()).hexdigest()[:16]
         target = cache / f"paged_attention-{key}.so"
         try:
             if not target.exists():
                 build(compiler, flags, target)
-            return DecodeKernel(ctypes.CDLL(str(target)))
+            return DecodeKernel(ctypes.CDLL(str(target)), parallel="-fopenmp" in flags)
         except subprocess.CalledProcessError as error:
             errors.append(first_error(error))
         except subprocess.TimeoutExpired:
