@@ -16,11 +16,10 @@ sequence's keys. With SDPA each sequence is a call of its own (tens of microseco
 dispatch each), or the batch's blocks are first copied into one padded tensor; a 16-bit cache is
 converted to float32 first, another copy. The kernel reads the blocks in place, in the cache's
 dtype, for the whole batch in one call that releases the GIL, asking for each block two blocks
-ahead (a CPU's prefetcher stops at the page edge a block starts on). Built with OpenMP, it shares a
-long batch out to torch's own threads (torch's libgomp, loaded first, serves its soname). What it
-cannot change: each
-decode reads all its keys and values once per step, so a long decode's cost follows the cache's
-bytes, and a 16-bit cache (`kv_cache_dtype`) halves them.
+ahead (a CPU's prefetcher stops at the page edge a block starts on). Built with OpenMP, it shares
+a long batch out to torch's own threads (torch's libgomp, loaded first, serves its soname). What
+it cannot change: each decode reads all its keys and values once per step, so a long decode's
+cost follows the cache's bytes, and a 16-bit cache (`kv_cache_dtype`) halves them.
 """
 
 from __future__ import annotations
