@@ -22,7 +22,7 @@ from ray import serve
 from raylm.core import storage
 from raylm.core.config import from_dict, read_yaml, value_from_text
 from raylm.core.errors import UserError
-from raylm.inference.engine import DTYPES, EngineConfig
+from raylm.inference.engine import EngineConfig, refuse_unknown_dtypes
 from raylm.inference.kv_budget import parse_size
 
 API_KEY_ENV = "RAYLM_API_KEY"
@@ -58,9 +58,7 @@ class AppArgs:
             raise UserError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.kv_cache_memory:
             parse_size(self.kv_cache_memory, "args.kv_cache_memory")  # refused here, not in a replica
-        for name in ("dtype", "kv_cache_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise UserError(f"args.{name} {getattr(self, name)!r}: expected one of {', '.join(DTYPES)}")
+        refuse_unknown_dtypes(self, "args.")  # here, not in a replica
 
 
 def parse_app_args(args: dict) -> AppArgs:

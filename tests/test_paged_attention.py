@@ -170,6 +170,7 @@ def test_the_engine_with_the_kernel_decodes_what_transformers_does(tmp_path, tok
 
 def test_without_a_compiler_the_cache_attends_with_sdpa_and_says_why_once(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.delenv("RAYLM_CPU_DECODE_KERNEL", raising=False)
     load_decode_kernel.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="raylm.model.paged_attention"):
@@ -184,6 +185,7 @@ def test_without_a_compiler_the_cache_attends_with_sdpa_and_says_why_once(monkey
 
 def test_a_build_lands_whole_under_a_name_for_this_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("RAYLM_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.delenv("RAYLM_CPU_DECODE_KERNEL", raising=False)  # this test is of the build, whatever the caller turned off
     load_decode_kernel.cache_clear()
     try:
         assert load_decode_kernel() is not None

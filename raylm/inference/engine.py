@@ -67,6 +67,13 @@ class InvalidRequest(UserError):
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # what `dtype` and `kv_cache_dtype` take
 
 
+def refuse_unknown_dtypes(config, prefix: str = "") -> None:
+    """`config.dtype` and `config.kv_cache_dtype` must be DTYPES; `prefix` names where they were set."""
+    for name in ("dtype", "kv_cache_dtype"):
+        if getattr(config, name) not in DTYPES:
+            raise UserError(f"{prefix}{name} {getattr(config, name)!r}: expected one of {', '.join(DTYPES)}")
+
+
 @dataclass
 class EngineConfig:
     max_batch_size: int = 32  # sequences running at once (they share the KV cache's blocks)
@@ -86,9 +93,7 @@ class EngineConfig:
             raise UserError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_model_len < 0:
             raise UserError(f"max_model_len must be 0 (the model's) or positive, got {self.max_model_len}")
-        for name in ("dtype", "kv_cache_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise UserError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(DTYPES)}")
+        refuse_unknown_dtypes(self)
         if self.max_prefill_tokens < 1:
             raise UserError(f"max_prefill_tokens must be at least 1, got {self.max_prefill_tokens}")
         if self.kv_block_size < 1:

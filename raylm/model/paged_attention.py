@@ -3,7 +3,7 @@
 The C source is compiled on first use with this machine's C compiler (`$CC`, else `cc`) for this
 CPU (`-march=native`), into `$RAYLM_KERNEL_CACHE` (default `~/.cache/raylm/kernels`). The file is
 named by a hash of the source, the flags, the compiler and the CPU's model and features, so nodes
-that share a home directory but not a CPU each get their own. Building takes well under a second
+that share a home directory but not a CPU each get their own. Building takes about 2 s
 and happens once per machine; the result is written under a temporary name and renamed, so
 processes building at once never load half a file.
 
@@ -51,6 +51,14 @@ BUILD_TIMEOUT_S = 120  # a compiler that hangs must not hold a replica's start f
 CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C source's CACHE_* codes
 
 
+def padded_block_table(blocks: list[list[int]]) -> torch.Tensor:
+    """Each sequence's block ids in a row [B, W], padded with block 0 to the longest."""
+    table = torch.zeros(len(blocks), max(len(ids) for ids in blocks), dtype=torch.long)
+    for i, ids in enumerate(blocks):
+        table[i, : len(ids)] = torch.tensor(ids)
+    return table
+
+
 @dataclass
 class DecodeBatch:
     """One step's decodes, as the kernel takes them (built once per step, used by every layer)."""
@@ -83,9 +91,7 @@ class DecodeKernel:
     def batch(self, rows: list[int], blocks: list[list[int]], lengths: list[int], bytes_per_key: int) -> DecodeBatch:
         """The step's decodes: their rows, their blocks and key counts, and the threads to share them
         (torch's, fewer when each would read under PARALLEL_MIN_BYTES a layer)."""
-        table = torch.zeros(len(rows), max(len(ids) for ids in blocks), dtype=torch.long)
-        for i, ids in enumerate(blocks):
-            table[i, : len(ids)] = torch.tensor(ids)
+        table = padded_block_table(blocks)
         threads = min(torch.get_num_threads(), sum(lengths) * bytes_per_key // PARALLEL_MIN_BYTES) if self.parallel else 1
         return DecodeBatch(torch.tensor(rows), table, torch.tensor(lengths), max(1, threads))
 

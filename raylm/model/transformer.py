@@ -37,7 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raylm.model.paged_attention import DecodeBatch, load_decode_kernel
+from raylm.model.paged_attention import (
+    DecodeBatch,
+    load_decode_kernel,
+    padded_block_table,
+)
 
 
 @dataclass
@@ -173,37 +177,29 @@ class KVCache:
         self.slots = slots
         device, size = slots.device, self.block_size
         self.paged_decode = self.decode = None
-        if self.decode_kernel is not None:  # every decode, in place; the prompts' chunks below
+
+        def blocks_of(ranges: list[tuple[int, int]]) -> list[int]:
+            return [b for start, end in ranges for b in range(start // size, (end + size - 1) // size)]
+
+        if self.decode_kernel is not None:  # every decode, in place
             decodes = [(row, ranges) for row, rows, ranges in spans if rows == 1]
             if decodes:
-                self.paged_decode = self.decode_kernel.batch(
-                    [row for row, _ in decodes],
-                    [[b for start, end in ranges for b in range(start // size, (end + size - 1) // size)] for _, ranges in decodes],
-                    [sum(end - start for start, end in ranges) for _, ranges in decodes], self.bytes_per_key)
-            self.spans = [(row, rows, ranges, None if len(ranges) == 1 else torch.cat([torch.arange(a, b) for a, b in ranges]))
-                          for row, rows, ranges in spans if rows > 1]
-            return
-
-        def block_count(decode: tuple[int, list[tuple[int, int]]]) -> int:
-            return sum((end - start + size - 1) // size for start, end in decode[1])
-
-        batched = sorted(((row, ranges) for row, rows, ranges in spans if rows == 1 and not self.attends_alone(ranges)), key=block_count)
-        while batched and len(batched) * block_count(batched[-1]) * size * self.bytes_per_key > GATHER_MAX_BYTES:
-            batched.pop()  # each one is padded to the longest: past the bound, the longest attend alone
-        if len(batched) < 2:
-            batched = []
-        if batched:  # the decodes attend in one call over their blocks, gathered into a padded batch
-            blocks = [[b for start, end in ranges for b in range(start // size, (end + size - 1) // size)] for _, ranges in batched]
-            most = max(len(ids) for ids in blocks)
-            table = torch.zeros(len(batched), most, dtype=torch.long)  # padding gathers block 0, masked out
-            for i, ids in enumerate(blocks):
-                table[i, : len(ids)] = torch.tensor(ids)
-            lengths = torch.tensor([sum(end - start for start, end in ranges) for _, ranges in batched])
-            valid = torch.arange(most * size)[None, :] < lengths[:, None]  # [B, L]: the keys each one has
-            self.decode = (torch.tensor([row for row, _ in batched], device=device), table.flatten().to(device), valid[:, None, None].to(device))
-        batched_rows = {row for row, _ in batched}
+                self.paged_decode = self.decode_kernel.batch([row for row, _ in decodes], [blocks_of(ranges) for _, ranges in decodes],
+                                                             [sum(end - start for start, end in ranges) for _, ranges in decodes], self.bytes_per_key)
+        else:  # the decodes in one SDPA call, but those that attend alone
+            batched = sorted(((row, ranges) for row, rows, ranges in spans if rows == 1 and not self.attends_alone(ranges)),
+                             key=lambda decode: len(blocks_of(decode[1])))
+            while batched and len(batched) * len(blocks_of(batched[-1][1])) * size * self.bytes_per_key > GATHER_MAX_BYTES:
+                batched.pop()  # each one is padded to the longest: past the bound, the longest attend alone
+            decodes = batched if len(batched) >= 2 else []
+            if decodes:  # their blocks gathered into a padded batch
+                table = padded_block_table([blocks_of(ranges) for _, ranges in decodes])  # padding gathers block 0, masked out
+                lengths = torch.tensor([sum(end - start for start, end in ranges) for _, ranges in decodes])
+                valid = torch.arange(table.shape[1] * size)[None, :] < lengths[:, None]  # [B, L]: the keys each one has
+                self.decode = (torch.tensor([row for row, _ in decodes], device=device), table.flatten().to(device), valid[:, None, None].to(device))
+        taken = {row for row, _ in decodes}  # the rest attend alone, prompts' chunks included
         self.spans = [(row, rows, ranges, None if len(ranges) == 1 else torch.cat([torch.arange(a, b) for a, b in ranges]).to(device))
-                      for row, rows, ranges in spans if row not in batched_rows]
+                      for row, rows, ranges in spans if row not in taken]
 
     def attends_alone(self, ranges: list[tuple[int, int]]) -> bool:
         """Whether a decode whose keys lie in `ranges` is cheaper in a call of its own, over a view of
