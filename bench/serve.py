@@ -220,6 +220,7 @@ def serve_and_load(model_dir: Path, args, workdir: Path) -> tuple[list[dict], di
     deployment = app["deployments"][0]
     deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}  # one engine: its batching is what is measured
     deployment["ray_actor_options"]["num_cpus"] = args.replica_cpus  # = the replica's torch threads
+    deployment["logging_config"] = {"enable_access_log": False}  # a line per request would bury the figures
     if torch.cuda.is_available():
         deployment["ray_actor_options"]["num_gpus"] = 1
     (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
