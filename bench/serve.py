@@ -118,6 +118,20 @@ def batch_step_variant_ms(engine: Engine, context: int, steps: int, shared: bool
 
 
 @torch.inference_mode()
+def read_gb_per_s(device: torch.device, mib: int = 96) -> float:
+    """How fast this machine reads memory on the engine's threads: the best of 10 sums of `mib` MiB,
+    more than a CPU's caches hold. The bytes a decode step reads, over this, is the least it can take."""
+    values = torch.ones(mib * 2**20 // 4, device=device)
+    times = []
+    for _ in range(10):
+        started = time.perf_counter()
+        values.sum().item()
+        times.append(time.perf_counter() - started)
+    del values
+    return mib * 2**20 / min(times) / 1e9
+
+
+@torch.inference_mode()
 def baseline_step_ms(engine: Engine, context: int, steps: int) -> float:
     """Lower-quartile step of the baseline: the whole sequence through the model for each new token."""
     tokens = torch.randint(0, engine.model_config.vocab_size, (1, context), device=engine.device)
@@ -319,6 +333,7 @@ def main() -> int:
     tied, cfg = batched.model_config.tie_embeddings, batched.model_config  # an untied embedding is read a row per token, not whole
     weights = sum(p.numel() * p.element_size() for n, p in batched.runner.model.named_parameters() if tied or not n.startswith("embed_tokens"))
     kv_values_per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim
+    gb_per_s = read_gb_per_s(batched.device)
     engine_batch_step_ms(batched, CONTEXTS[0], 4, BATCH)  # warm-up
     engine_batch_step_ms(half, CONTEXTS[0], 4, BATCH)
 
@@ -348,6 +363,9 @@ def main() -> int:
         kv = {c: BATCH * c * kv_values_per_token * cache_bytes for c in CONTEXTS}
         print(f"  bytes a step reads, {name} cache: weights {weights / 2**20:.1f} MiB + KV {kv[lo] / 2**20:.1f} / {kv[hi] / 2**20:.1f} MiB: "
               f"{(weights + kv[hi]) / (weights + kv[lo]):.2f}x where memory bandwidth bounds the step")
+    least = {c: (weights + BATCH * c * kv_values_per_token * 4) / gb_per_s / 1e6 for c in CONTEXTS}
+    print(f"  memory read at {gb_per_s:.1f} GB/s here: those float32 bytes take {least[lo]:.2f} / {least[hi]:.2f} ms of the "
+          f"{batch_steps[lo]:.2f} / {batch_steps[hi]:.2f} ms steps ({least[hi] / batch_steps[hi]:.0%} of the step at 512; near 100%, memory bounds it)")
     print(f"engine in process, {2 * BATCH} requests of 128 + {args.max_tokens} tokens, batch {BATCH}: {engine_tps:.1f} output tokens/s (best of 3)")
     if args.engine_only:
         return 0
@@ -356,7 +374,7 @@ def main() -> int:
     del engine
     rows, engine_stats, peer_rows, scale = http_parts(model_dir, args, workdir, baseline_tps)
     if args.json:
-        figures = {"device": device, "steps": steps, "batch_steps": batch_steps, "batch_step_ratio": batch_ratio, "batch_step_variants": variant_steps,
+        figures = {"device": device, "read_gb_per_s": gb_per_s, "steps": steps, "batch_steps": batch_steps, "batch_step_ratio": batch_ratio, "batch_step_variants": variant_steps,
                    "shared_prompt_batch_steps": shared_steps, "shared_prompt_batch_step_ratio": shared_ratio,
                    "engine_tokens_per_s": engine_tps, "baseline_tokens_per_s": baseline_tps, "http": rows, "step_ratio": step_ratio,
                    "baseline_step_ratio": base_ratio, "throughput_scale": scale, "engine_stats": engine_stats, "peer_http": peer_rows}
