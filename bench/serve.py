@@ -330,6 +330,7 @@ def main() -> int:
     batched = Engine(model_dir, dataclasses.replace(config, max_batch_size=BATCH))
     half = Engine(model_dir, dataclasses.replace(config, max_batch_size=BATCH, kv_cache_dtype="bfloat16"))
     kernel = batched.runner.cache.decode_kernel
+    cache_name, cache_bytes = str(batched.runner.kv_dtype).removeprefix("torch."), batched.runner.cache.k.element_size()  # float32 on a CPU, bfloat16 on a GPU
     tied, cfg = batched.model_config.tie_embeddings, batched.model_config  # an untied embedding is read a row per token, not whole
     weights = sum(p.numel() * p.element_size() for n, p in batched.runner.model.named_parameters() if tied or not n.startswith("embed_tokens"))
     kv_values_per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim
@@ -353,18 +354,18 @@ def main() -> int:
     print("\ndecode step (batch 1)      context 64   context 512   512/64")
     print(f"  engine (KV cache)       {steps[lo]['engine_ms']:9.2f} ms  {steps[hi]['engine_ms']:9.2f} ms   {step_ratio:5.2f}x  (target <= 1.5x)")
     print(f"  baseline (no cache)     {steps[lo]['baseline_ms']:9.2f} ms  {steps[hi]['baseline_ms']:9.2f} ms   {base_ratio:5.2f}x")
-    path = "the C kernel" if kernel is not None else "SDPA: the kernel did not build, see the log"
-    print(f"decode step (batch {BATCH})      {batch_steps[lo]:9.2f} ms  {batch_steps[hi]:9.2f} ms   {batch_ratio:5.2f}x  (target <= 1.3x; float32 cache, {path})")
+    path = "the C kernel" if kernel is not None else "SDPA" if "cpu" not in device else "SDPA: the kernel did not build, see the log"
+    print(f"decode step (batch {BATCH})      {batch_steps[lo]:9.2f} ms  {batch_steps[hi]:9.2f} ms   {batch_ratio:5.2f}x  (target <= 1.3x; {cache_name} cache, {path})")
     for name, label in (("sdpa", "SDPA, not the kernel"), ("bfloat16_cache", "bfloat16 KV cache"), ("shared_prompt", "one shared prompt")):
         lo_ms, hi_ms = variant_steps[name][lo], variant_steps[name][hi]
         print(f"  {label:<22}  {lo_ms:9.2f} ms  {hi_ms:9.2f} ms   {hi_ms / lo_ms:5.2f}x")
     print(f"  kernel over SDPA        {variant_steps['sdpa'][lo] / batch_steps[lo]:9.2f}x     {variant_steps['sdpa'][hi] / batch_steps[hi]:9.2f}x     (step time, SDPA / kernel)")
-    for name, cache_bytes in (("float32", 4), ("bfloat16", 2)):  # a long decode step reads the weights and every key and value once
-        kv = {c: BATCH * c * kv_values_per_token * cache_bytes for c in CONTEXTS}
+    for name, element in dict([(cache_name, cache_bytes), ("bfloat16", 2)]).items():  # a long decode step reads the weights and every key and value once
+        kv = {c: BATCH * c * kv_values_per_token * element for c in CONTEXTS}
         print(f"  bytes a step reads, {name} cache: weights {weights / 2**20:.1f} MiB + KV {kv[lo] / 2**20:.1f} / {kv[hi] / 2**20:.1f} MiB: "
               f"{(weights + kv[hi]) / (weights + kv[lo]):.2f}x where memory bandwidth bounds the step")
-    least = {c: (weights + BATCH * c * kv_values_per_token * 4) / gb_per_s / 1e6 for c in CONTEXTS}
-    print(f"  memory read at {gb_per_s:.1f} GB/s here: those float32 bytes take {least[lo]:.2f} / {least[hi]:.2f} ms of the "
+    least = {c: (weights + BATCH * c * kv_values_per_token * cache_bytes) / gb_per_s / 1e6 for c in CONTEXTS}
+    print(f"  memory read at {gb_per_s:.1f} GB/s here: those {cache_name} bytes take {least[lo]:.2f} / {least[hi]:.2f} ms of the "
           f"{batch_steps[lo]:.2f} / {batch_steps[hi]:.2f} ms steps ({least[hi] / batch_steps[hi]:.0%} of the step at 512; near 100%, memory bounds it)")
     print(f"engine in process, {2 * BATCH} requests of 128 + {args.max_tokens} tokens, batch {BATCH}: {engine_tps:.1f} output tokens/s (best of 3)")
     if args.engine_only:
